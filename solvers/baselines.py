@@ -1,0 +1,270 @@
+"""Baseline ODE solvers over the denoiser interface (spec 4), in k-diffusion's shape:
+``sample_x(denoiser, x, sigmas, cond=None, *, afs=False, flow=False, callback=None, disable=True) -> x``.
+
+``sigmas`` is the full grid (it may end in 0); ``x`` the initial state ``noise * sigmas[0]``. All solvers
+work in VE coordinates with ``d = (x - D)/sigma`` and log-SNR ``lambda = -log sigma``, which makes the
+DPM-Solver++/UniPC updates the VP ones with alpha = 1. ``afs=True`` replaces the first denoiser evaluation
+by the analytic estimate (spec 1.3), saving one evaluation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from tqdm.auto import trange
+
+from .core import Callback, Denoiser, analytic_denoised, as_tensor, direction, sigma_batch
+from .epd import adams_bashforth
+
+__all__ = [
+    "sample_euler",
+    "sample_heun",
+    "sample_dpm2",
+    "sample_ipndm",
+    "sample_dpmpp",
+    "sample_unipc",
+]
+
+
+class _Evaluator:
+    """Calls the denoiser, answering the very first call analytically when AFS is on."""
+
+    def __init__(self, denoiser: Denoiser, cond: Any, afs: bool, flow: bool):
+        self.denoiser, self.cond, self.afs, self.flow = denoiser, cond, afs, flow
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if self.afs:
+            self.afs = False
+            return analytic_denoised(x, sigma, self.flow)
+        return self.denoiser(x, sigma_batch(sigma, x), self.cond)
+
+
+def _grid(sigmas: Any, x: torch.Tensor) -> torch.Tensor:
+    sigmas = as_tensor(sigmas, x)
+    if sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError("sigmas must be a 1-D grid with at least two points")
+    if bool((sigmas[1:] >= sigmas[:-1]).any()) or bool(sigmas[:-1].le(0).any()):
+        raise ValueError("sigmas must decrease strictly and be positive (a final 0 is allowed)")
+    return sigmas
+
+
+def _report(callback: Callback | None, i: int, x: torch.Tensor, sigmas: torch.Tensor, denoised: torch.Tensor) -> None:
+    if callback is not None:
+        callback({"i": i, "x": x, "sigma": sigmas[i], "sigma_next": sigmas[i + 1], "denoised": denoised})
+
+
+def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = None, *, afs: bool = False,
+                 flow: bool = False, callback: Callback | None = None, disable: bool = True) -> torch.Tensor:
+    """Euler in sigma: ``x <- x + (t_n - t_c) d(x, t_c)``; DDIM (eta = 0) in these coordinates, flow Euler for
+    flow matching. 1 evaluation per step."""
+    sigmas = _grid(sigmas, x)
+    evaluate = _Evaluator(denoiser, cond, afs, flow)
+    for i in trange(len(sigmas) - 1, disable=disable, desc="euler", leave=False):
+        denoised = evaluate(x, sigmas[i])
+        x = x + (sigmas[i + 1] - sigmas[i]) * direction(x, denoised, sigmas[i])
+        _report(callback, i, x, sigmas, denoised)
+    return x
+
+
+def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = None, *, afs: bool = False,
+                flow: bool = False, callback: Callback | None = None, disable: bool = True) -> torch.Tensor:
+    """Heun / explicit trapezoid (EDM Alg. 1): Euler predictor, then ``x <- x + h (d + d') / 2`` with ``d'`` at
+    the predicted point; a step to sigma = 0 stays Euler. 2 evaluations per step."""
+    sigmas = _grid(sigmas, x)
+    evaluate = _Evaluator(denoiser, cond, afs, flow)
+    for i in trange(len(sigmas) - 1, disable=disable, desc="heun", leave=False):
+        t_c, t_n = sigmas[i], sigmas[i + 1]
+        denoised = evaluate(x, t_c)
+        d = direction(x, denoised, t_c)
+        x_pred = x + (t_n - t_c) * d
+        if t_n > 0:
+            d_pred = direction(x_pred, evaluate(x_pred, t_n), t_n)
+            x_pred = x + (t_n - t_c) * 0.5 * (d + d_pred)
+        x = x_pred
+        _report(callback, i, x, sigmas, denoised)
+    return x
+
+
+def sample_dpm2(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = None, *, r: float = 0.5,
+                afs: bool = False, flow: bool = False, callback: Callback | None = None,
+                disable: bool = True) -> torch.Tensor:
+    """DPM-Solver-2 (noise-prediction form, spec 4 ``dpm2``): ``m = t_n^r t_c^{1-r}``, ``x_m = x + (m - t_c) d``,
+    ``x <- x + (t_n - t_c) [d(x_m, m)/(2r) + (1 - 1/(2r)) d]``; with r = 1/2 the geometric midpoint, as in
+    k-diffusion's ``sample_dpm_2``. A step to sigma = 0 is Euler. 2 evaluations per step."""
+    sigmas = _grid(sigmas, x)
+    evaluate = _Evaluator(denoiser, cond, afs, flow)
+    for i in trange(len(sigmas) - 1, disable=disable, desc="dpm2", leave=False):
+        t_c, t_n = sigmas[i], sigmas[i + 1]
+        denoised = evaluate(x, t_c)
+        d = direction(x, denoised, t_c)
+        if t_n > 0:
+            t_m = t_n ** r * t_c ** (1 - r)
+            x_m = x + (t_m - t_c) * d
+            d_m = direction(x_m, evaluate(x_m, t_m), t_m)
+            x = x + (t_n - t_c) * (d_m / (2 * r) + (1 - 1 / (2 * r)) * d)
+        else:
+            x = x + (t_n - t_c) * d
+        _report(callback, i, x, sigmas, denoised)
+    return x
+
+
+def sample_ipndm(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = None, *, max_order: int = 4,
+                 afs: bool = False, flow: bool = False, callback: Callback | None = None,
+                 disable: bool = True) -> torch.Tensor:
+    """Improved PNDM (spec 4): ``x <- x + (t_n - t_c) AB_p(d_c, history)`` with the fixed equal-step Adams-
+    Bashforth coefficients of order ``p = min(max_order, steps so far + 1)``. 1 evaluation per step."""
+    sigmas = _grid(sigmas, x)
+    evaluate = _Evaluator(denoiser, cond, afs, flow)
+    history: list[torch.Tensor] = []
+    for i in trange(len(sigmas) - 1, disable=disable, desc="ipndm", leave=False):
+        denoised = evaluate(x, sigmas[i])
+        d = direction(x, denoised, sigmas[i])
+        x = x + (sigmas[i + 1] - sigmas[i]) * adams_bashforth(d, history, max_order)
+        if max_order > 1:
+            history = (history + [d])[-(max_order - 1):]
+        _report(callback, i, x, sigmas, denoised)
+    return x
+
+
+def _lambda(sigma: torch.Tensor) -> torch.Tensor:
+    return -torch.log(sigma)
+
+
+def _final_orders(num_steps: int, order: int, lower_order_final: bool, i: int, sigma_next: torch.Tensor) -> int:
+    """Order cap near the end, as diffusers' DPMSolverMultistepScheduler decides it."""
+    if sigma_next == 0 or (lower_order_final and num_steps < 15 and i == num_steps - 1):
+        return 1
+    if lower_order_final and num_steps < 15 and i == num_steps - 2:
+        return min(order, 2)
+    return order
+
+
+def sample_dpmpp(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = None, *, order: int = 2,
+                 lower_order_final: bool = True, afs: bool = False, flow: bool = False,
+                 callback: Callback | None = None, disable: bool = True) -> torch.Tensor:
+    """Multistep DPM-Solver++ (Lu et al. 2022, data prediction; 2M with the "midpoint" form, 3M).
+
+    With ``h = lambda_n - lambda_c``, ``r_0 = h_0/h``, ``r_1 = h_1/h`` and the last three outputs m0, m1, m2:
+      1st: ``x_n = (t_n/t_c) x - expm1(-h) m0``
+      2M:  ``... - expm1(-h) m0 - 0.5 expm1(-h) D1``,  ``D1 = (m0 - m1)/r0``
+      3M:  ``... - expm1(-h) m0 + (expm1(-h)/h + 1) D1 - ((expm1(-h) + h)/h^2 - 0.5) D2`` with
+           ``D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1)``, ``D2 = (D1_0 - D1_1)/(r0 + r1)``.
+    Warm-up uses lower orders; ``lower_order_final`` lowers the last steps' order when there are fewer than
+    15 steps, and a step to sigma = 0 is always first order (as diffusers does). 1 evaluation per step.
+    """
+    if order not in (1, 2, 3):
+        raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3 (got {order})")
+    sigmas = _grid(sigmas, x)
+    num_steps = len(sigmas) - 1
+    evaluate = _Evaluator(denoiser, cond, afs, flow)
+    outputs: list[torch.Tensor] = []
+    for i in trange(num_steps, disable=disable, desc=f"dpmpp{order}m", leave=False):
+        t_c, t_n = sigmas[i], sigmas[i + 1]
+        denoised = evaluate(x, t_c)
+        outputs = (outputs + [denoised])[-3:]
+        step_order = min(_final_orders(num_steps, order, lower_order_final, i, t_n), len(outputs))
+        h = _lambda(t_n) - _lambda(t_c)
+        phi = torch.expm1(-h)
+        x_next = (t_n / t_c) * x - phi * denoised
+        if step_order >= 2:
+            h0 = _lambda(t_c) - _lambda(sigmas[i - 1])
+            d1_0 = (outputs[-1] - outputs[-2]) / (h0 / h)
+            if step_order == 2:
+                x_next = x_next - 0.5 * phi * d1_0
+            else:
+                h1 = _lambda(sigmas[i - 1]) - _lambda(sigmas[i - 2])
+                r0, r1 = h0 / h, h1 / h
+                d1_1 = (outputs[-2] - outputs[-3]) / r1
+                d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x_next = x_next + (phi / h + 1) * d1 - ((phi + h) / h ** 2 - 0.5) * d2
+        x = x_next
+        _report(callback, i, x, sigmas, denoised)
+    return x
+
+
+def _unipc_coefficients(h: torch.Tensor, rks: list[torch.Tensor], order: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """UniPC-bh2 linear system (Zhao et al. 2023, Alg. 2/3): ``R[i] = r^i``, ``b[i] = i! phi_{i+1}(-h)/B(h)``
+    with ``B(h) = expm1(-h)`` (data prediction, hh = -h)."""
+    hh = -h
+    h_phi_1 = torch.expm1(hh)
+    b_h = h_phi_1
+    rks_t = torch.stack(rks + [torch.ones_like(h)])
+    rows, rhs = [], []
+    h_phi_k = h_phi_1 / hh - 1
+    factorial = 1
+    for i in range(1, order + 1):
+        rows.append(rks_t ** (i - 1))
+        rhs.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    return torch.stack(rows), torch.stack(rhs)
+
+
+def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = None, *, order: int = 2,
+                 lower_order_final: bool = True, use_corrector: bool = True, afs: bool = False, flow: bool = False,
+                 callback: Callback | None = None, disable: bool = True) -> torch.Tensor:
+    """UniPC with the bh2 variant (Zhao et al. 2023), data prediction, multistep predictor UniP-p and the
+    corrector UniC applied with each new evaluation (so it costs no extra evaluation; none after the last
+    step). ``lower_order_final`` caps the order by the number of remaining steps. 1 evaluation per step.
+
+    Predictor: ``x_n = (t_n/t_c) x - expm1(-h) m0 - B(h) sum_k rho_k D_k``, ``D_k = (m_{-k} - m0)/r_k``;
+    corrector: the same from the previous point, adding ``rho_last (m_new - m0)``.
+    """
+    if order < 1:
+        raise ValueError(f"UniPC order must be >= 1 (got {order})")
+    sigmas = _grid(sigmas, x)
+    num_steps = len(sigmas) - 1
+    evaluate = _Evaluator(denoiser, cond, afs, flow)
+    outputs: list[torch.Tensor] = []     # data predictions at sigmas[i - len + 1 .. i]
+    last_x: torch.Tensor | None = None
+    last_order = 0
+
+    def differences(i_base: int, step_order: int, h: torch.Tensor):
+        """Scaled differences to older outputs; ``outputs[-1]`` is the output at ``sigmas[i_base]``."""
+        rks, diffs = [], []
+        m0 = outputs[-1]
+        for k in range(1, step_order):
+            rk = (_lambda(sigmas[i_base - k]) - _lambda(sigmas[i_base])) / h
+            rks.append(rk)
+            diffs.append((outputs[-(k + 1)] - m0) / rk)
+        return rks, diffs
+
+    for i in trange(num_steps, disable=disable, desc="unipc", leave=False):
+        denoised = evaluate(x, sigmas[i])
+        if use_corrector and last_x is not None:
+            # Corrector for the step sigmas[i-1] -> sigmas[i], using the fresh output at sigmas[i].
+            t_prev, t_cur = sigmas[i - 1], sigmas[i]
+            h = _lambda(t_cur) - _lambda(t_prev)
+            rks, diffs = differences(i - 1, last_order, h)
+            m0 = outputs[-1]
+            if last_order == 1:
+                rhos = torch.tensor([0.5], dtype=x.dtype, device=x.device)
+            else:
+                big_r, b = _unipc_coefficients(h, rks, last_order)
+                rhos = torch.linalg.solve(big_r, b)
+            res = sum((rho * dk for rho, dk in zip(rhos[:-1], diffs)), torch.zeros_like(x))
+            b_h = torch.expm1(-h)
+            x = (t_cur / t_prev) * last_x - b_h * m0 - b_h * (res + rhos[-1] * (denoised - m0))
+        outputs = (outputs + [denoised])[-order:]
+        step_order = min(order, num_steps - i) if lower_order_final else order
+        step_order = min(step_order, len(outputs))
+        t_c, t_n = sigmas[i], sigmas[i + 1]
+        if t_n == 0:
+            step_order = 1  # h is infinite on a step to sigma = 0; only the first-order update is defined
+        h = _lambda(t_n) - _lambda(t_c)
+        b_h = torch.expm1(-h)
+        x_next = (t_n / t_c) * x - b_h * denoised
+        if step_order >= 2:
+            rks, diffs = differences(i, step_order, h)
+            if step_order == 2:
+                rhos_p = torch.tensor([0.5], dtype=x.dtype, device=x.device)
+            else:
+                big_r, b = _unipc_coefficients(h, rks, step_order)
+                rhos_p = torch.linalg.solve(big_r[:-1, :-1], b[:-1])
+            x_next = x_next - b_h * sum((rho * dk for rho, dk in zip(rhos_p, diffs)), torch.zeros_like(x))
+        last_x, last_order = x, step_order
+        x = x_next
+        _report(callback, i, x, sigmas, denoised)
+    return x

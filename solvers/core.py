@@ -1,0 +1,148 @@
+"""Pieces every solver shares: the denoiser interface, condition repetition, AFS, evaluation counting.
+
+The denoiser interface (ARCHITECTURE.md): ``denoiser(x, sigma, cond) -> x0_hat`` in variance-exploding
+coordinates, ``sigma`` a per-sample tensor ``[B]``. The ODE direction is ``d = (x - D(x, sigma)) / sigma``
+(= the velocity ``v`` for flow-matching backends, whose adapters return ``D = x - sigma v``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Denoiser",
+    "Callback",
+    "repeat_condition",
+    "sigma_batch",
+    "direction",
+    "analytic_denoised",
+    "EvalCount",
+    "EvalCounter",
+    "seeded_noise",
+    "as_tensor",
+]
+
+Callback = Callable[[dict], None]
+
+
+class Denoiser(Protocol):
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor: ...
+
+
+def repeat_condition(cond: Any, repeats: int) -> Any:
+    """Repeat a per-sample condition ``repeats`` times per sample, in ``b * repeats + k`` order.
+
+    This is the order of ``x_mid.flatten(0, 1)`` in the parallel EPD call (spec 1.1). Tensors are repeated
+    along dim 0 (class labels too: spec 9.1-9.2 are the authors' bugs of forgetting some); objects that
+    define ``repeat_interleave(repeats)`` (backend condition dataclasses) do it themselves; mappings,
+    dataclasses and lists/tuples are handled element-wise, where a list/tuple of non-tensors (prompts)
+    counts as per-sample. Scalars and ``None`` pass through unchanged.
+    """
+    if repeats == 1 or cond is None:
+        return cond
+    if isinstance(cond, torch.Tensor):
+        return cond.repeat_interleave(repeats, dim=0) if cond.ndim > 0 else cond
+    method = getattr(cond, "repeat_interleave", None)
+    if callable(method):
+        return method(repeats)
+    if isinstance(cond, Mapping):
+        return type(cond)((k, repeat_condition(v, repeats)) for k, v in cond.items())
+    if is_dataclass(cond) and not isinstance(cond, type):
+        return replace(cond, **{f.name: repeat_condition(getattr(cond, f.name), repeats) for f in fields(cond)})
+    if isinstance(cond, (list, tuple)):
+        if any(isinstance(c, torch.Tensor) for c in cond):
+            return type(cond)(repeat_condition(c, repeats) for c in cond)
+        return type(cond)(c for c in cond for _ in range(repeats))
+    return cond
+
+
+def as_tensor(values: Any, like: torch.Tensor) -> torch.Tensor:
+    """``values`` (tensor, array, list or number) as a tensor with ``like``'s dtype and device (a copy for
+    numpy input, which may be read-only)."""
+    if isinstance(values, torch.Tensor):
+        return values.to(dtype=like.dtype, device=like.device)
+    return torch.tensor(np.asarray(values), dtype=like.dtype, device=like.device)
+
+
+def sigma_batch(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample sigma vector ``[B]`` in the state's dtype and device."""
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+    return sigma.expand(x.shape[0]) if sigma.ndim == 0 else sigma.reshape(x.shape[0])
+
+
+def _bcast(values: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return values.reshape(values.shape + (1,) * (x.ndim - values.ndim))
+
+
+def direction(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """ODE direction ``d = (x - D) / sigma`` (dx/dsigma of the probability-flow ODE)."""
+    return (x - denoised) / _bcast(torch.as_tensor(sigma, dtype=x.dtype, device=x.device), x)
+
+
+def analytic_denoised(x: torch.Tensor, sigma: torch.Tensor | float, flow: bool = False) -> torch.Tensor:
+    """The analytical first step (AFS, spec 1.3) written as a denoiser output, so every solver can use it.
+
+    VE/EDM states: the authors' direction ``d = x / sqrt(1 + sigma^2)``, i.e. ``D = x - sigma d``.
+    Flow-matching states: at high noise the best estimate of the data is its mean (zero), so ``D = 0`` and
+    ``d = v = x / sigma``. (The authors apply the VE formula to flow models too, spec 9.3; no released table
+    uses AFS with flow matching, so no compatibility switch is kept.)
+    """
+    if flow:
+        return torch.zeros_like(x)
+    s = _bcast(torch.as_tensor(sigma, dtype=x.dtype, device=x.device), x)
+    return x - s * x / torch.sqrt(1 + s * s)
+
+
+@dataclass(frozen=True)
+class EvalCount:
+    """Network evaluations of one sampling run, per image.
+
+    ``sequential``: denoiser calls one after another (latency); the papers' "(parallel) NFE".
+    ``total``: evaluations of the network per image (compute); the K parallel points count K times.
+    With classifier-free guidance every evaluation is a batch of two inside the backend; ``cfg_doubled``
+    gives the authors' doubled figure (spec 1.2), which we never print by default.
+    """
+
+    sequential: int
+    total: int
+
+    @property
+    def parallel_nfe(self) -> int:
+        return self.sequential
+
+    def cfg_doubled(self) -> "EvalCount":
+        return EvalCount(2 * self.sequential, 2 * self.total)
+
+
+class EvalCounter:
+    """Wraps a denoiser and counts calls (sequential evaluations) and evaluated items (total / batch)."""
+
+    def __init__(self, denoiser: Denoiser, batch_size: int):
+        self.denoiser = denoiser
+        self.batch_size = int(batch_size)
+        self.calls = 0
+        self.items = 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        self.calls += 1
+        self.items += x.shape[0]
+        return self.denoiser(x, sigma, cond)
+
+    @property
+    def count(self) -> EvalCount:
+        return EvalCount(self.calls, self.items // max(self.batch_size, 1))
+
+
+def seeded_noise(seeds: "list[int] | torch.Tensor", shape: tuple, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> torch.Tensor:
+    """Unit Gaussian noise ``[len(seeds), *shape]``, one generator per seed (seed mod 2^32), so a given seed
+    gives the same noise whatever the batch it is drawn in (the authors' ``StackedRandomGenerator``)."""
+    out = []
+    for seed in seeds:
+        gen = torch.Generator(device="cpu").manual_seed(int(seed) % (1 << 32))
+        out.append(torch.randn(shape, generator=gen, dtype=torch.float64))
+    return torch.stack(out).to(device=device, dtype=dtype)

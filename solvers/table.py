@@ -1,0 +1,455 @@
+"""Predictor tables: the learned per-step numbers of an EPD solver (spec 2).
+
+A :class:`PredictorTable` holds, for each of the ``N-1`` steps of its grid and each of its K points, the
+position ``r`` in (0, 1), the simplex weight ``w``, and optionally the direction scale ``c`` and time scale
+``a`` (``None`` when disabled), plus the exact sigma grid it was fitted on and metadata.
+
+Files: our tables are data-only pickles (plain dicts, lists, numbers and strings) read by an unpickler that
+allows no globals at all, or the same dict as JSON. The authors' release pickles are read by the code-free
+reader of :mod:`solvers.official`. ``python -m solvers.table show PATH [--json]`` prints any of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import pickle
+import sys
+import tempfile
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .official import OfficialSnapshot, UnsafePickleError, read_official
+from .schedules import ScheduleSpec, discrete_sigmas, flowmatch_sigmas, make_sigmas
+
+__all__ = ["PredictorTable", "TableError", "UnsafePickleError", "load_table", "save_table", "uniform_table",
+           "table_from_official", "FORMAT"]
+
+FORMAT = "epd-solver/predictor-table"
+VERSION = 1
+
+
+class TableError(ValueError):
+    """A table file or field is invalid; the message names the file and the field."""
+
+
+def _frozen(values: Any, name: str, source: str) -> np.ndarray | None:
+    if values is None:
+        return None
+    try:
+        arr = np.array(values, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise TableError(f"{source}: field '{name}' is not numeric ({err})") from None
+    arr.setflags(write=False)
+    return arr
+
+
+@dataclass(frozen=True, eq=False)
+class PredictorTable:
+    """An EPD predictor table (frozen; arrays are read-only float64).
+
+    positions/weights/dir_scales/time_scales: ``[N-1, K]``; sigmas: ``[N]`` decreasing, > 0.
+    solver: ``"epd"`` or ``"ipndm"`` (the EPD-Plugin, with ``max_order``). ``afs``: analytic first step;
+    ``fcn``: unscaled directions on the last step. ``metadata``: backend, backend_config, guidance_type,
+    guidance_rate, schedule (a :class:`ScheduleSpec` dict), teacher, M, dataset, alpha, created, source, ...
+    """
+
+    positions: np.ndarray
+    weights: np.ndarray
+    sigmas: np.ndarray
+    dir_scales: np.ndarray | None = None
+    time_scales: np.ndarray | None = None
+    solver: str = "epd"
+    afs: bool = False
+    fcn: bool = False
+    max_order: int | None = None
+    metadata: dict = field(default_factory=dict)
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        for name in ("positions", "weights", "sigmas", "dir_scales", "time_scales"):
+            object.__setattr__(self, name, _frozen(getattr(self, name), name, self.source))
+        self.validate()
+
+    # -- shape -------------------------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        """Number of grid points N (the authors' ``num_steps``); there are N-1 solver steps."""
+        return int(self.sigmas.shape[0])
+
+    @property
+    def num_points(self) -> int:
+        return int(self.positions.shape[-1])
+
+    def eval_count(self, denoise_to_zero: bool = False):
+        from .registry import eval_count
+
+        return eval_count("epd", self.sigmas, afs=self.afs, num_points=self.num_points,
+                          denoise_to_zero=denoise_to_zero)
+
+    @property
+    def intermediate_sigmas(self) -> np.ndarray:
+        """``t_n^r t_c^(1-r)`` per step and point (unscaled)."""
+        t_c, t_n = self.sigmas[:-1, None], self.sigmas[1:, None]
+        return t_n ** self.positions * t_c ** (1 - self.positions)
+
+    # -- checks --------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        src = self.source
+
+        def fail(name: str, why: str) -> None:
+            raise TableError(f"{src}: field '{name}' {why}")
+
+        if self.solver not in ("epd", "ipndm"):
+            fail("solver", f"must be 'epd' or 'ipndm' (got {self.solver!r})")
+        if self.solver == "ipndm" and not (self.max_order and 1 <= int(self.max_order) <= 4):
+            fail("max_order", f"must be 1..4 for the iPNDM plugin (got {self.max_order!r})")
+        sig = self.sigmas
+        if sig.ndim != 1 or sig.shape[0] < 2:
+            fail("sigmas", f"must be a 1-D grid of at least 2 points (shape {sig.shape})")
+        if not np.all(np.isfinite(sig)) or np.any(sig <= 0):
+            fail("sigmas", "must be finite and > 0 (EPD steps cannot end at sigma = 0)")
+        if np.any(np.diff(sig) >= 0):
+            fail("sigmas", "must decrease strictly")
+        rows = sig.shape[0] - 1
+        shape = self.positions.shape
+        if len(shape) != 2 or shape[0] != rows or shape[1] < 1:
+            fail("positions", f"must have shape [N-1={rows}, K] for a grid of {rows + 1} points (got {shape})")
+        for name in ("positions", "weights", "dir_scales", "time_scales"):
+            arr = getattr(self, name)
+            if arr is None:
+                continue
+            if arr.shape != shape:
+                fail(name, f"has shape {arr.shape}, expected {shape} like 'positions'")
+            if not np.all(np.isfinite(arr)):
+                fail(name, "contains NaN or inf")
+        if np.any((self.positions <= 0) | (self.positions >= 1)):
+            fail("positions", "must lie strictly inside (0, 1)")
+        if np.any(self.weights < 0) or np.max(np.abs(self.weights.sum(-1) - 1)) > 1e-6:
+            fail("weights", "must be on the simplex (>= 0, each row summing to 1)")
+        for name in ("dir_scales", "time_scales"):
+            arr = getattr(self, name)
+            if arr is not None and np.any(arr <= 0):
+                fail(name, "must be > 0")
+
+    # -- conversion ----------------------------------------------------------------------------------------
+    @property
+    def schedule(self) -> ScheduleSpec | None:
+        spec = self.metadata.get("schedule")
+        return ScheduleSpec.from_dict(spec) if isinstance(spec, dict) else None
+
+    def to_dict(self) -> dict:
+        def lst(a: np.ndarray | None) -> Any:
+            return None if a is None else a.tolist()
+
+        return {"format": FORMAT, "version": VERSION, "num_steps": self.num_steps, "num_points": self.num_points,
+                "solver": self.solver, "afs": bool(self.afs), "fcn": bool(self.fcn),
+                "max_order": None if self.max_order is None else int(self.max_order),
+                "positions": lst(self.positions), "weights": lst(self.weights),
+                "dir_scales": lst(self.dir_scales), "time_scales": lst(self.time_scales),
+                "sigmas": lst(self.sigmas), "metadata": _plain(self.metadata, "metadata")}
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<dict>") -> "PredictorTable":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise TableError(f"{source}: not an EPD predictor table (missing format={FORMAT!r})")
+        version = data.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise TableError(f"{source}: field 'version' must be an integer (got {version!r})")
+        if version > VERSION:
+            raise TableError(f"{source}: table format version {data.get('version')} is newer than this code ({VERSION})")
+        missing = [k for k in ("positions", "weights", "sigmas") if data.get(k) is None]
+        if missing:
+            raise TableError(f"{source}: missing field(s) {', '.join(missing)}")
+        return cls(positions=data["positions"], weights=data["weights"], sigmas=data["sigmas"],
+                   dir_scales=data.get("dir_scales"), time_scales=data.get("time_scales"),
+                   solver=data.get("solver", "epd"), afs=bool(data.get("afs", False)), fcn=bool(data.get("fcn", False)),
+                   max_order=data.get("max_order"), metadata=dict(data.get("metadata") or {}), source=source)
+
+    def with_metadata(self, **updates: Any) -> "PredictorTable":
+        return replace(self, metadata={**self.metadata, **updates})
+
+
+def _plain(value: Any, where: str) -> Any:
+    """Check that metadata are plain data (so the file stays data-only)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value
+    if isinstance(value, (np.floating, np.integer, np.bool_)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, where) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v, f"{where}.{k}") for k, v in value.items()}
+    raise TableError(f"{where} holds a {type(value).__name__}; tables store plain data only")
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Allows no globals and no persistent ids: only containers, numbers, strings can come out."""
+
+    def __init__(self, stream: Any, source: str):
+        super().__init__(stream)
+        self.source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise _NeedsGlobals(module, name)
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError(f"refusing to load {self.source}: unexpected persistent id. Nothing was executed.")
+
+
+class _NeedsGlobals(pickle.UnpicklingError):
+    def __init__(self, module: str, name: str):
+        super().__init__(f"{module}.{name}")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would (or keep the replaced file's mode)
+        try:
+            mode = path.stat().st_mode & 0o777
+        except FileNotFoundError:
+            umask = os.umask(0o022)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_table(table: PredictorTable, path: str | Path) -> Path:
+    """Write atomically: ``.json`` as JSON, anything else as a data-only pickle (protocol 4)."""
+    path = Path(path)
+    data = table.to_dict()
+    if path.suffix == ".json":
+        payload = json.dumps(data, indent=1).encode()
+    else:
+        payload = pickle.dumps(data, protocol=4)
+    _atomic_write(path, payload)
+    return path
+
+
+def load_table(path: str | Path) -> PredictorTable:
+    """Read a table: ours (data-only pickle or JSON) or an authors' release pickle (code-free reader).
+
+    A pickle that names any global outside the authors' known format is refused with
+    :class:`UnsafePickleError` before anything from it is called.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no predictor table at {path}")
+    raw = path.read_bytes()
+    if path.suffix == ".json":
+        try:
+            return PredictorTable.from_dict(json.loads(raw), str(path))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TableError(f"{path}: invalid JSON ({err})") from None
+    try:
+        data = _DataOnlyUnpickler(io.BytesIO(raw), str(path)).load()
+    except _NeedsGlobals:
+        try:
+            return table_from_official(read_official(path))
+        except (UnsafePickleError, TableError):
+            raise
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
+            raise TableError(f"{path}: not a readable predictor table ({err})") from None
+    except (pickle.UnpicklingError, EOFError, ValueError) as err:
+        if isinstance(err, (UnsafePickleError, TableError)):
+            raise
+        raise TableError(f"{path}: not a readable pickle ({err})") from None
+    return PredictorTable.from_dict(data, str(path))
+
+
+def uniform_table(sigmas: Any, num_points: int = 2, positions: Any = None, schedule: ScheduleSpec | None = None,
+                  afs: bool = False, name: str = "uniform-start", **metadata: Any) -> PredictorTable:
+    """A hand-made start table: the same positions on every step (default evenly spaced, e.g. the authors'
+    (0.335, 0.665) for K = 2 is ``positions=(0.335, 0.665)``) and equal weights."""
+    sig = np.asarray(sigmas, dtype=np.float64)
+    rows = sig.shape[0] - 1
+    pos = (np.arange(1, num_points + 1) / (num_points + 1)) if positions is None else np.asarray(positions, float)
+    if pos.shape != (num_points,):
+        raise TableError(f"uniform table: field 'positions' has {pos.size} value(s) but num_points is {num_points}")
+    meta = {"name": name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "source": "hand-made (not trained)", **metadata}
+    if schedule is not None:
+        meta["schedule"] = schedule.to_dict()
+    return PredictorTable(positions=np.tile(pos, (rows, 1)), weights=np.full((rows, len(pos)), 1.0 / len(pos)),
+                          sigmas=sig, afs=afs, metadata=meta)
+
+
+# -- the authors' tables --------------------------------------------------------------------------------
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _official_scale(params: np.ndarray, half_width: float) -> np.ndarray:
+    """``2 sigmoid(p/2) R + (1 - R)`` (spec 2.2), a factor in (1 - R, 1 + R)."""
+    return 2.0 * _sigmoid(0.5 * params) * half_width + (1.0 - half_width)
+
+
+def _official_grid(snapshot: OfficialSnapshot, kwargs: dict, attrs: dict) -> tuple[np.ndarray, ScheduleSpec, str]:
+    n = int(kwargs["num_steps"])
+    kind = kwargs.get("schedule_type")
+    rho = float(kwargs.get("schedule_rho") or 1.0)
+    backend = kwargs.get("backend") or attrs.get("backend") or "edm"
+    if snapshot.t_steps is not None:
+        sig = snapshot.t_steps
+        spec = ScheduleSpec(kind=kind or "time_uniform", num_steps=n, sigma_min=float(sig[-1]),
+                            sigma_max=float(sig[0]), rho=rho, variant="official")
+        return sig, spec, "loss_fn.t_steps recorded in the file"
+    if kind == "discrete":
+        spec = ScheduleSpec(kind="discrete", num_steps=n, sigma_min=None, sigma_max=None, rho=rho, variant="official",
+                            extra={"alphas_cumprod": "sd15"})
+        return discrete_sigmas(n, rho=rho, variant="official").numpy(), spec, \
+            "recomputed: SD1.5 discrete grid, authors' variant"
+    if kind == "flowmatch":
+        config = dict(kwargs.get("backend_config") or {})
+        if backend == "flux":
+            mu = float(attrs.get("flowmatch_mu") or config.get("flowmatch_mu") or 1.15)
+            spec = ScheduleSpec(kind="flowmatch", num_steps=n, sigma_min=None, sigma_max=1.0, mu=mu, variant="official")
+        else:
+            shift = float(config.get("flowmatch_shift") or attrs.get("flowmatch_shift") or 3.0) if backend != "sd3" \
+                else 3.0
+            spec = ScheduleSpec(kind="flowmatch", num_steps=n, sigma_min=None, sigma_max=1.0, shift=shift,
+                                variant="official")
+        return flowmatch_sigmas(n, spec.shift, spec.mu, variant="official").numpy(), spec, \
+            f"recomputed: {backend} flow-matching grid, authors' variant (diffusers set_timesteps, zero dropped)"
+    sigma_min = float(attrs.get("sigma_min") or 0.002)
+    sigma_max = float(attrs.get("sigma_max") or 80.0)
+    spec = ScheduleSpec(kind=kind or "polynomial", num_steps=n, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                        variant="official")
+    return make_sigmas(spec).numpy(), spec, "recomputed from the file's schedule settings"
+
+
+def table_from_official(snapshot: OfficialSnapshot) -> PredictorTable:
+    """Effective table of an authors' predictor: ``r = sigmoid(r_params)``, ``w = softmax(weight_s)``, scales
+    only where their flag (= half-width) is nonzero (spec 2.2); the grid from the file or its settings."""
+    kwargs, params, attrs = snapshot.init_kwargs, snapshot.parameters, snapshot.attributes
+    src = str(snapshot.path)
+    for needed in ("r_params", "weight_s"):
+        if needed not in params:
+            raise TableError(f"{src}: predictor has no parameter '{needed}'")
+    if "num_steps" not in kwargs:
+        raise TableError(f"{src}: predictor records no num_steps")
+    r_raw = params["r_params"].astype(np.float64)
+    w_raw = params["weight_s"].astype(np.float64)
+    w = np.exp(w_raw - w_raw.max(-1, keepdims=True))
+    w = w / w.sum(-1, keepdims=True)
+    scale_dir, scale_time = float(kwargs.get("scale_dir") or 0), float(kwargs.get("scale_time") or 0)
+    dir_scales = _official_scale(params["scale_dir_params"].astype(np.float64), scale_dir) if scale_dir else None
+    time_scales = _official_scale(params["scale_time_params"].astype(np.float64), scale_time) if scale_time else None
+    sigmas, spec, grid_source = _official_grid(snapshot, kwargs, attrs)
+    extra_attrs = {k: v for k, v in attrs.items() if k not in kwargs and k != "training"}
+    metadata = {
+        "source": "official release (read without executing its embedded code)", "path": src,
+        "sha256": snapshot.sha256, "backend": kwargs.get("backend", "edm"),
+        "backend_config": dict(kwargs.get("backend_config") or {}), "dataset": kwargs.get("dataset_name"),
+        "guidance_type": kwargs.get("guidance_type"), "guidance_rate": kwargs.get("guidance_rate"),
+        "teacher": kwargs.get("sampler_tea"), "M": kwargs.get("M"), "alpha": kwargs.get("alpha"),
+        "scale_dir_range": scale_dir, "scale_time_range": scale_time, "schedule": spec.to_dict(),
+        "grid_source": grid_source, "init_kwargs": _plain(kwargs, "init_kwargs"),
+        "extra_attributes": _plain(extra_attrs, "attributes"),
+    }
+    solver = kwargs.get("sampler_stu", "epd")
+    return PredictorTable(positions=_sigmoid(r_raw), weights=w, sigmas=sigmas, dir_scales=dir_scales,
+                          time_scales=time_scales, solver=solver, afs=bool(kwargs.get("afs", False)),
+                          fcn=bool(kwargs.get("fcn", False)),
+                          max_order=int(kwargs.get("max_order") or 3) if solver == "ipndm" else None,
+                          metadata=metadata, source=src)
+
+
+# -- CLI -------------------------------------------------------------------------------------------------
+def describe(table: PredictorTable) -> dict:
+    counts = table.eval_count()
+    return {"path": table.source, "num_steps": table.num_steps, "num_points": table.num_points,
+            "solver": table.solver, "afs": table.afs, "fcn": table.fcn, "max_order": table.max_order,
+            "nfe": {"sequential": counts.sequential, "total": counts.total},
+            "r": table.positions.tolist(), "weights": table.weights.tolist(),
+            "scale_dir": None if table.dir_scales is None else table.dir_scales.tolist(),
+            "scale_time": None if table.time_scales is None else table.time_scales.tolist(),
+            "sigmas": table.sigmas.tolist(), "metadata": table.metadata}
+
+
+def _fmt_rows(rows: list | None) -> str:
+    if rows is None:
+        return "  null (disabled)"
+    return "\n".join(f"  [{i:2d}] " + "  ".join(f"{v:.6f}" for v in row) for i, row in enumerate(rows))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m solvers.table", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    show = sub.add_parser("show", help="print a predictor table (ours or the authors')")
+    show.add_argument("path", nargs="+")
+    show.add_argument("--json", action="store_true", help="machine-readable output")
+    make = sub.add_parser("uniform", help="write a hand-made start table (same positions every step, equal weights)")
+    make.add_argument("--out", required=True, type=Path)
+    make.add_argument("--num-steps", type=int, required=True, help="grid points N (N-1 steps)")
+    make.add_argument("--num-points", type=int, default=2)
+    make.add_argument("--positions", default=None,
+                      help="comma-separated r values (default: the authors' start 0.335,0.665 for K = 2, "
+                           "evenly spaced otherwise)")
+    make.add_argument("--schedule", default="polynomial", choices=["polynomial", "logsnr", "time_uniform"])
+    make.add_argument("--rho", type=float, default=7.0)
+    make.add_argument("--sigma-min", type=float, default=0.002)
+    make.add_argument("--sigma-max", type=float, default=80.0)
+    make.add_argument("--afs", action="store_true")
+    make.add_argument("--backend", default="analytic")
+    make.add_argument("--backend-config", default="{}", help="JSON object, e.g. '{\"model\": \"digits\"}'")
+    args = parser.parse_args(argv)
+    if args.command == "uniform":
+        spec = ScheduleSpec(kind=args.schedule, num_steps=args.num_steps, sigma_min=args.sigma_min,
+                            sigma_max=args.sigma_max, rho=args.rho)
+        positions = [float(v) for v in args.positions.split(",")] if args.positions else \
+            ([0.335, 0.665] if args.num_points == 2 else None)
+        try:
+            table = uniform_table(make_sigmas(spec), args.num_points, positions, spec, afs=args.afs,
+                                  backend=args.backend, backend_config=json.loads(args.backend_config))
+        except TableError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"wrote {save_table(table, args.out)} (NFE sequential {table.eval_count().sequential})")
+        return 0
+    status = 0
+    for path in args.path:
+        try:
+            info = describe(load_table(path))
+        except (TableError, UnsafePickleError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            status = 1
+            continue
+        if args.json:
+            print(json.dumps(info, indent=1))
+            continue
+        print(f"== {path}")
+        print(f"num_steps={info['num_steps']} num_points={info['num_points']} solver={info['solver']} "
+              f"afs={info['afs']} fcn={info['fcn']} NFE sequential={info['nfe']['sequential']} "
+              f"total={info['nfe']['total']}")
+        for key in ("r", "weights", "scale_dir", "scale_time"):
+            print(f"{key}:\n{_fmt_rows(info[key])}")
+        print("sigmas: " + ", ".join(f"{s:.6g}" for s in info["sigmas"]))
+        print("metadata: " + json.dumps(info["metadata"], default=str))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
