@@ -29,9 +29,9 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from backends import load_backend
-from solvers.core import EvalCounter, seeded_noise
+from solvers.core import seeded_noise
 from solvers.epd import sample_epd
-from solvers.registry import get_solver
+from solvers.registry import eval_count, get_solver
 from solvers.schedules import ScheduleSpec, make_sigmas
 from solvers.table import PredictorTable, TableError, UnsafePickleError, load_table
 
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="baseline solver steps (grid of steps+1 points)")
     parser.add_argument("--schedule", default="polynomial", choices=["polynomial", "logsnr", "time_uniform"],
                         help="baseline grid (tables always use their own)")
-    parser.add_argument("--rho", type=float, default=7.0)
+    parser.add_argument("--rho", type=float, help="baseline grid rho (default 7 for polynomial, 1 for time_uniform)")
     parser.add_argument("--model_path", help="backbone weights (not used by the analytic backends)")
     parser.add_argument("--backend", help="override the table's backend: digits, gmm")
     parser.add_argument("--backend-config", help="JSON object merged over the table's backend_config")
@@ -193,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--solver needs --steps >= 1")
             solver = get_solver(args.solver)
             spec = ScheduleSpec(kind=args.schedule, num_steps=args.steps + 1, sigma_min=backend.sigma_min,
-                                sigma_max=backend.sigma_max, rho=args.rho if args.schedule != "time_uniform" else 1.0)
+                                sigma_max=backend.sigma_max,
+                                rho=args.rho if args.rho is not None else (1.0 if args.schedule == "time_uniform" else 7.0))
             sigmas = make_sigmas(spec).numpy()
             solver_label = solver.name
         else:
@@ -212,10 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             return sample_epd(denoiser, x, table, cond, flow=flow)
         return solver(denoiser, x, sigmas, cond, flow=flow)
 
-    # Count evaluations once on a single sample so every sidecar can state them.
-    probe = EvalCounter(backend, batch_size=1)
-    run(probe, seeded_noise([0], backend.shape, dtype), backend.encode_prompts([prompts[0]]))
-    nfe = probe.count
+    nfe = table.eval_count() if table is not None else eval_count(solver.name, sigmas)
     outdir = args.outdir or Path("samples") / backend_name / f"{solver_label}_nfe{nfe.sequential}"
     upscale = args.upscale or max(1, 64 // backend.shape[-1])
 

@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--table", action="append", default=[], metavar="NAME=PATH",
                         help="an EPD table to run at its own NFE and grid (repeatable)")
     parser.add_argument("--schedule", default="polynomial", choices=["polynomial", "logsnr", "time_uniform"])
-    parser.add_argument("--rho", type=float, default=7.0)
+    parser.add_argument("--rho", type=float, help="schedule rho (default 7 for polynomial, 1 for time_uniform)")
     parser.add_argument("--afs", action="store_true", help="one-evaluation solvers also use AFS (one more step)")
     parser.add_argument("--rtol", type=float, default=1e-7, help="reference tolerance (checked against rtol/100)")
     parser.add_argument("--batch", type=int, default=1000)
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from backends.analytic import make_analytic
 
     model = make_analytic(args.model)
-    rho = args.rho if args.schedule != "time_uniform" or args.rho != 7.0 else 1.0
+    rho = args.rho if args.rho is not None else (1.0 if args.schedule == "time_uniform" else 7.0)
     schedule = ScheduleSpec(kind=args.schedule, num_steps=2, sigma_min=model.sigma_min, sigma_max=model.sigma_max, rho=rho)
     report = run_benchmark(args.model, _csv(args.solvers, str), _csv(args.nfe, int), args.num_samples, args.seed,
                            tables, schedule, args.afs, args.rtol, args.batch,

@@ -149,7 +149,9 @@ class PredictorTable:
         def lst(a: np.ndarray | None) -> Any:
             return None if a is None else a.tolist()
 
+        counts = self.eval_count()
         return {"format": FORMAT, "version": VERSION, "num_steps": self.num_steps, "num_points": self.num_points,
+                "nfe": {"sequential": counts.sequential, "total": counts.total},  # informational, derived
                 "solver": self.solver, "afs": bool(self.afs), "fcn": bool(self.fcn),
                 "max_order": None if self.max_order is None else int(self.max_order),
                 "positions": lst(self.positions), "weights": lst(self.weights),
