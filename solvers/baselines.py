@@ -131,7 +131,7 @@ def _lambda(sigma: torch.Tensor) -> torch.Tensor:
     return -torch.log(sigma)
 
 
-def _final_orders(num_steps: int, order: int, lower_order_final: bool, i: int, sigma_next: torch.Tensor) -> int:
+def _order_cap(num_steps: int, order: int, lower_order_final: bool, i: int, sigma_next: torch.Tensor) -> int:
     """Order cap near the end, as diffusers' DPMSolverMultistepScheduler decides it."""
     if sigma_next == 0 or (lower_order_final and num_steps < 15 and i == num_steps - 1):
         return 1
@@ -163,7 +163,7 @@ def sample_dpmpp(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
         t_c, t_n = sigmas[i], sigmas[i + 1]
         denoised = evaluate(x, t_c)
         outputs = (outputs + [denoised])[-3:]
-        step_order = min(_final_orders(num_steps, order, lower_order_final, i, t_n), len(outputs))
+        step_order = min(_order_cap(num_steps, order, lower_order_final, i, t_n), len(outputs))
         h = _lambda(t_n) - _lambda(t_c)
         phi = torch.expm1(-h)
         x_next = (t_n / t_c) * x - phi * denoised

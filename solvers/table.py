@@ -417,7 +417,19 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--afs", action="store_true")
     make.add_argument("--backend", default="analytic")
     make.add_argument("--backend-config", default="{}", help="JSON object, e.g. '{\"model\": \"digits\"}'")
+    convert = sub.add_parser("convert", help="rewrite any readable table (e.g. an authors' pickle) as a data-only file")
+    convert.add_argument("path", type=Path)
+    convert.add_argument("--out", required=True, type=Path, help=".pkl (data-only pickle) or .json")
     args = parser.parse_args(argv)
+    if args.command == "convert":
+        try:
+            table = load_table(args.path)
+        except (TableError, UnsafePickleError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(f"wrote {save_table(table, args.out)} ({table.num_steps} grid points, K={table.num_points}, "
+              f"solver {table.solver})")
+        return 0
     if args.command == "uniform":
         spec = ScheduleSpec(kind=args.schedule, num_steps=args.num_steps, sigma_min=args.sigma_min,
                             sigma_max=args.sigma_max, rho=args.rho)

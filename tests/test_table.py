@@ -664,3 +664,23 @@ def test_metadata_must_be_plain_data(value, typename, where, suffix, tmp_path):
     with pytest.raises(TableError):
         save_table(table, out)
     assert out.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == [out.name]
+
+
+@needs_official
+def test_convert_official_to_data_only_file(tmp_path):
+    official = OFFICIAL / "tpami" / "sd3-512-best.pkl"
+    for suffix in (".pkl", ".json"):
+        out = tmp_path / f"converted{suffix}"
+        proc = subprocess.run([PYTHON, "-m", "solvers.table", "convert", str(official), "--out", str(out)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        original, converted = load_table(official), load_table(out)
+        np.testing.assert_array_equal(converted.positions, original.positions)
+        np.testing.assert_array_equal(converted.weights, original.weights)
+        np.testing.assert_array_equal(converted.sigmas, original.sigmas)
+        assert converted.metadata == original.metadata and converted.dir_scales is None
+        if suffix == ".pkl":
+            assert globals_in_pickle(out.read_bytes()) == []
+    bad = subprocess.run([PYTHON, "-m", "solvers.table", "convert", str(tmp_path / "nope.pkl"), "--out",
+                          str(tmp_path / "x.pkl")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "no predictor table" in bad.stderr and not (tmp_path / "x.pkl").exists()
