@@ -131,18 +131,23 @@ class GaussianMixtureDiffusion(AnalyticDiffusion):
         self.eigvecs = torch.tensor(np.stack(eigvecs))          # [C, D, D] columns = eigenvectors
         self.log_priors = torch.tensor(log_priors)              # [C]
         self.ridge = ridge
+        dim = images.shape[1]
+        self._basis = self.eigvecs.permute(1, 0, 2).reshape(dim, -1).contiguous()                  # [D, C*D]
+        self._projected_means = torch.einsum("cd,cde->ce", self.means, self.eigvecs).reshape(1, -1)
 
     def posterior_mean(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         dev = x.device
-        means, vals, vecs = self.means.to(dev), self.eigvals.to(dev), self.eigvecs.to(dev)
-        z = torch.einsum("bd,cde->cbe", x, vecs) - torch.einsum("cd,cde->ce", means, vecs)[:, None]  # [C, B, D]
-        var = vals[:, None, :] + (sigma ** 2)[None, :, None]                                          # [C, B, D]
-        log_lik = -0.5 * (z * z / var).sum(-1) - 0.5 * torch.log(var).sum(-1) + self.log_priors.to(dev)[:, None]
-        allowed = (labels[None, :] < 0) | (labels[None, :] == torch.arange(self.num_classes, device=dev)[:, None])
-        weights = torch.softmax(log_lik.masked_fill(~allowed, float("-inf")), dim=0)                  # [C, B]
-        shrunk = z * (vals[:, None, :] / var)
-        wiener = means[:, None, :] + torch.einsum("cbe,cde->cbd", shrunk, vecs)                       # [C, B, D]
-        return (weights[..., None] * wiener).sum(0)
+        num_c, dim = self.means.shape
+        means, vals = self.means.to(dev), self.eigvals.to(dev)
+        basis = self._basis.to(dev)                                                   # [D, C*D]: all eigenbases
+        z = (x @ basis - self._projected_means.to(dev)).view(-1, num_c, dim)           # [B, C, D] coordinates
+        var = vals[None] + (sigma ** 2)[:, None, None]                                 # [B, C, D]
+        log_lik = -0.5 * (z * z / var).sum(-1) - 0.5 * torch.log(var).sum(-1) + self.log_priors.to(dev)
+        allowed = (labels[:, None] < 0) | (labels[:, None] == torch.arange(num_c, device=dev)[None])
+        weights = torch.softmax(log_lik.masked_fill(~allowed, float("-inf")), dim=1)  # [B, C]
+        # sum_c w_c (mu_c + U_c (lambda_c / var_c) z_c), the back-projection of all components in one product
+        shrunk = (weights[..., None] * z * (vals[None] / var)).reshape(-1, num_c * dim)
+        return weights @ means + shrunk @ basis.T
 
 
 class EmpiricalDiffusion(AnalyticDiffusion):
