@@ -32,7 +32,7 @@ from backends import load_backend
 from solvers.core import seeded_noise
 from solvers.epd import sample_epd
 from solvers.registry import eval_count, get_solver
-from solvers.schedules import ScheduleSpec, make_sigmas
+from solvers.schedules import ScheduleSpec, default_rho, make_sigmas
 from solvers.table import PredictorTable, TableError, UnsafePickleError, load_table
 
 __all__ = ["parse_seeds", "resolve_predictor_path", "read_prompts", "main"]
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             solver = get_solver(args.solver)
             spec = ScheduleSpec(kind=args.schedule, num_steps=args.steps + 1, sigma_min=backend.sigma_min,
                                 sigma_max=backend.sigma_max,
-                                rho=args.rho if args.rho is not None else (1.0 if args.schedule == "time_uniform" else 7.0))
+                                rho=args.rho if args.rho is not None else default_rho(args.schedule))
             sigmas = make_sigmas(spec).numpy()
             solver_label = solver.name
         else:

@@ -28,7 +28,7 @@ from .core import EvalCounter, seeded_noise
 from .epd import sample_epd
 from .reference import reference_solution
 from .registry import get_solver, steps_for_nfe
-from .schedules import ScheduleSpec, make_sigmas
+from .schedules import ScheduleSpec, default_rho, make_sigmas
 from .table import load_table
 
 __all__ = ["frechet_distance", "run_benchmark", "main"]
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     from backends.analytic import make_analytic
 
     model = make_analytic(args.model)
-    rho = args.rho if args.rho is not None else (1.0 if args.schedule == "time_uniform" else 7.0)
+    rho = args.rho if args.rho is not None else default_rho(args.schedule)
     schedule = ScheduleSpec(kind=args.schedule, num_steps=2, sigma_min=model.sigma_min, sigma_max=model.sigma_max, rho=rho)
     report = run_benchmark(args.model, _csv(args.solvers, str), _csv(args.nfe, int), args.num_samples, args.seed,
                            tables, schedule, args.afs, args.rtol, args.batch,

@@ -31,11 +31,17 @@ __all__ = [
     "flux_mu",
     "sd15_alphas_cumprod",
     "make_sigmas",
+    "default_rho",
     "SCHEDULES",
 ]
 
 Variant = Literal["correct", "official"]
 SCHEDULES = ("polynomial", "logsnr", "time_uniform", "discrete", "flowmatch")
+
+
+def default_rho(kind: str) -> float:
+    """The usual rho of a schedule: 7 for EDM's polynomial grid, 1 otherwise (time_uniform as in DPM-Solver)."""
+    return 7.0 if kind == "polynomial" else 1.0
 
 
 def _finish(sigmas: np.ndarray | torch.Tensor, terminal_zero: bool) -> torch.Tensor:

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .official import OfficialSnapshot, UnsafePickleError, read_official
-from .schedules import ScheduleSpec, discrete_sigmas, flowmatch_sigmas, make_sigmas
+from .schedules import ScheduleSpec, default_rho, discrete_sigmas, flowmatch_sigmas, make_sigmas
 
 __all__ = ["PredictorTable", "TableError", "UnsafePickleError", "load_table", "save_table", "uniform_table",
            "table_from_official", "FORMAT"]
@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="comma-separated r values (default: the authors' start 0.335,0.665 for K = 2, "
                            "evenly spaced otherwise)")
     make.add_argument("--schedule", default="polynomial", choices=["polynomial", "logsnr", "time_uniform"])
-    make.add_argument("--rho", type=float, default=7.0)
+    make.add_argument("--rho", type=float, help="default 7 for polynomial, 1 otherwise")
     make.add_argument("--sigma-min", type=float, default=0.002)
     make.add_argument("--sigma-max", type=float, default=80.0)
     make.add_argument("--afs", action="store_true")
@@ -432,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "uniform":
         spec = ScheduleSpec(kind=args.schedule, num_steps=args.num_steps, sigma_min=args.sigma_min,
-                            sigma_max=args.sigma_max, rho=args.rho)
+                            sigma_max=args.sigma_max, rho=args.rho if args.rho is not None else default_rho(args.schedule))
         positions = [float(v) for v in args.positions.split(",")] if args.positions else \
             ([0.335, 0.665] if args.num_points == 2 else None)
         try:
