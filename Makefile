@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Repeat the torch pins in every pip call so nothing swaps torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench distill install clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -15,15 +15,22 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) sample.py --predictor_path exps/digits/uniform-start-nfe9.pkl --seeds 0-63 --grid --outdir samples/digits
+	$(PY) sample.py --predictor_path exps/digits/epd-nfe9.pkl --seeds 0-63 --grid --outdir samples/digits
 	@echo "Images: samples/digits/ (per-seed PNGs with JSON sidecars) and the grid samples/digits/grid.png"
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
 
+BENCH := --schedules polynomial,logsnr,time_uniform --solvers ipndm,dpmpp3m,dpmpp2m,unipc,dpm2,heun,euler \
+	--nfe 3,4,5,6,7,8,9,10,11,14 --num-samples 2000
 bench: $(VENV)/.installed
-	$(PY) -m solvers.bench --model gmm --num-samples 2000 --json docs/bench/gmm.json
-	$(PY) -m solvers.bench --model digits --num-samples 2000 --json docs/bench/digits.json
+	for m in gmm digits; do OMP_NUM_THREADS=1 $(PY) -m solvers.bench --model $$m $(BENCH) --json docs/bench/$$m.json \
+		$$(for n in 3 5 7 9; do printf -- '--table epd-nfe%s=exps/%s/epd-nfe%s.pkl ' $$n $$m $$n; done) || exit 1; done
+
+# Re-distil the committed tables of the embedded models (a few minutes each on 2 CPU cores).
+distill: $(VENV)/.installed
+	for m in gmm digits; do for n in 3 5 7 9; do \
+		OMP_NUM_THREADS=1 $(PY) -m training.distill.launch --config configs/distill/$$m-nfe$$n.yaml || exit 1; done; done
 
 clean:
 	rm -rf samples .cache .pytest_cache

@@ -1,13 +1,41 @@
 """Exact-reference benchmark of ODE solvers on the embedded analytic models.
 
     python -m solvers.bench --model gmm --solvers ipndm,dpmpp3m,unipc,dpm2,heun,euler \
-        --nfe 3,4,5,6,7,8,10 --num-samples 2000 --json OUT.json [--table NAME=PATH ...] [--seed S]
+        --nfe 3,4,5,6,7,8,10 --num-samples 2000 --json OUT.json [--table NAME=PATH ...] [--seed S] \
+        [--schedule KIND [--rho R] | --schedules polynomial,logsnr,time_uniform]
 
 For every solver and NFE (the papers' parallel-NFE convention: sequential evaluations), it integrates the
 same noise as the reference, a float64 adaptive solve whose own accuracy is checked and reported, and
 measures the RMSE to that exact endpoint, the Frechet distance to the data set in data space, the sequential
 and total evaluations actually made, and wall time. It prints a markdown table and writes a JSON file and a
-PNG plot of error vs NFE. References are cached under ``.cache/bench`` (keyed by every input).
+PNG plot of error vs NFE. References are cached under ``.cache/bench`` (keyed by every input; the reference
+does not depend on the schedule, only on the sigma where the grids end).
+
+Schedules: ``--schedule KIND`` (default polynomial) runs every baseline on one grid kind, with ``--rho``
+(default :func:`solvers.schedules.default_rho`). ``--schedules A,B,...`` runs every baseline at every NFE on
+every listed kind (each with its default rho; ``--rho`` is refused there) and overrides ``--schedule``. Each
+(solver, NFE) is then summarised by its best schedule, the one with the lowest RMSE (ties: the first listed),
+so learned tables are compared against each baseline on its best schedule. EPD tables (``--table``) always run
+on their own grid, at their own NFE.
+
+JSON report keys: ``model``, ``num_samples``, ``seed``, ``schedule`` (the first schedule's full spec, as
+before), ``schedules`` (every schedule's full spec), ``reference``, ``machine``, and
+
+* ``results``: every row run, for every schedule: ``solver``, ``nfe`` (sequential evaluations), ``afs``,
+  ``steps``, ``schedule`` (``{"kind", "rho"}``; a table's own schedule from its metadata, or null),
+  ``best`` (true on the row kept for its (solver, NFE): the lowest RMSE over schedules; always true for a
+  table), ``rmse``, ``max_abs``, ``fd``, ``sequential_evals``, ``total_evals``, ``seconds``; table rows also
+  carry ``table`` (the file).
+* ``summary``: ``best_baseline``, a list with, per baseline NFE, the best handcrafted row
+  ``{"nfe", "solver", "schedule", "rmse"}``; and ``tables``, per table name,
+  ``{"nfe", "total_evals", "rmse", "best_baseline_same_nfe", "best_baseline_same_total"}``, where each
+  ``best_baseline_*`` is ``{"nfe", "solver", "schedule", "rmse", "ratio"}`` (``ratio`` = table RMSE / that
+  baseline's RMSE, below 1 when the table wins) or null when no baseline ran at that NFE. "Same total" is the
+  baseline at NFE = the table's total evaluations (its K parallel points counted one by one): the error at
+  equal total evaluations.
+
+The markdown shows the best-schedule value per solver and NFE, tagged with the schedule (``poly``, ``logsnr``,
+``uni``) when several were run, a "best handcrafted at NFE n" line per NFE and one comparison line per table.
 """
 
 from __future__ import annotations
@@ -15,11 +43,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -31,7 +59,10 @@ from .registry import get_solver, steps_for_nfe
 from .schedules import ScheduleSpec, default_rho, make_sigmas
 from .table import load_table
 
-__all__ = ["frechet_distance", "run_benchmark", "main"]
+__all__ = ["frechet_distance", "run_benchmark", "best_rows", "summarize", "markdown", "plot", "main"]
+
+BENCH_SCHEDULES = ("polynomial", "logsnr", "time_uniform")
+SCHEDULE_TAGS = {"polynomial": "poly", "logsnr": "logsnr", "time_uniform": "uni"}
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -43,6 +74,20 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     root_a = (vecs * np.sqrt(np.clip(vals, 0, None))) @ vecs.T
     inner = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
+
+
+def _same_sigma(a: float, b: float) -> bool:
+    """Two grid ends are the same noise level up to rounding (grids reach sigma_min up to a few ulps)."""
+    return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
+
+
+def _unique_sigmas(values: list[float]) -> list[float]:
+    """``values`` without near-duplicates (``_same_sigma``), first occurrences kept, in order."""
+    out: list[float] = []
+    for value in values:
+        if not any(_same_sigma(float(value), kept) for kept in out):
+            out.append(float(value))
+    return out
 
 
 def _reference(model: Any, noise: torch.Tensor, sigma_max: float, ends: list[float], key: dict,
@@ -61,24 +106,69 @@ def _reference(model: Any, noise: torch.Tensor, sigma_max: float, ends: list[flo
     return report.states, report.as_dict()
 
 
+class _Job(NamedTuple):
+    """One baseline run: a solver at one NFE on one schedule's grid."""
+
+    solver: str
+    steps: int
+    afs: bool
+    schedule: ScheduleSpec
+    sigmas: torch.Tensor
+
+
+def _baseline_jobs(solvers: list[str], nfes: list[int], schedules: list[ScheduleSpec], afs: bool) -> list[_Job]:
+    jobs = []
+    for name in solvers:
+        for nfe in nfes:
+            steps, use_afs = steps_for_nfe(name, nfe, afs=afs)
+            jobs += [_Job(name, steps, use_afs, spec, make_sigmas(replace(spec, num_steps=steps + 1))) for spec in schedules]
+    return jobs
+
+
+def _schedule_label(spec: ScheduleSpec | None) -> dict | None:
+    if spec is None:
+        return None
+    return {"kind": spec.kind, "rho": None if spec.rho is None else float(spec.rho)}
+
+
+def bench_schedules(kinds: list[str], sigma_min: float, sigma_max: float, rho: float | None = None) -> list[ScheduleSpec]:
+    """One spec per kind on the model's range; ``rho`` (single kind only) overrides ``default_rho(kind)``."""
+    if rho is not None and len(kinds) != 1:
+        raise ValueError("rho can only be set for a single schedule (each of several uses its default_rho)")
+    return [ScheduleSpec(kind=kind, num_steps=2, sigma_min=sigma_min, sigma_max=sigma_max,
+                         rho=default_rho(kind) if rho is None else rho) for kind in kinds]
+
+
 def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samples: int = 2000, seed: int = 0,
                   tables: dict[str, str] | None = None, schedule: ScheduleSpec | None = None, afs: bool = False,
                   rtol: float = 1e-7, batch: int = 1000, cache_dir: Path | None = Path(".cache/bench"),
-                  progress: bool = True) -> dict:
-    """Run every (solver, NFE) and every table on the same noise; see the module docstring."""
+                  progress: bool = True, schedules: list[ScheduleSpec] | None = None) -> dict:
+    """Run every (solver, NFE, schedule) and every table on the same noise; see the module docstring.
+
+    ``schedules`` (several grids, each baseline run on all) replaces ``schedule`` (one grid); with neither, the
+    polynomial grid with rho 7 on the model's range.
+    """
     from backends.analytic import load_digits_data, make_analytic  # the CLI composes solvers with a backend
 
     model = make_analytic(model_name)
-    base = schedule or ScheduleSpec(kind="polynomial", num_steps=2, sigma_min=model.sigma_min,
-                                    sigma_max=model.sigma_max, rho=7.0)
+    if schedule is not None and schedules:
+        raise ValueError("give either schedule or schedules, not both")
+    specs = list(schedules) if schedules else [schedule or bench_schedules(["polynomial"], model.sigma_min, model.sigma_max)[0]]
+    base = specs[0]
+    for spec in specs:
+        if not _same_sigma(float(spec.sigma_max), float(base.sigma_max)):
+            raise ValueError(f"schedule {spec.kind} starts at sigma={spec.sigma_max}, the benchmark at {base.sigma_max}")
     loaded = {name: load_table(path) for name, path in (tables or {}).items()}
     for name, table in loaded.items():
+        if name in solvers:
+            raise ValueError(f"table name {name!r} is also a baseline solver name; rename the table")
         if abs(float(table.sigmas[0]) - base.sigma_max) > 1e-9 * base.sigma_max:
             raise ValueError(f"table {name} starts at sigma={table.sigmas[0]}, the benchmark at {base.sigma_max}")
-    ends: list[float] = []
-    for end in [float(base.sigma_min)] + [float(t.sigmas[-1]) for t in loaded.values()]:
-        if all(abs(end - e) > 1e-9 * e for e in ends):  # grids reach sigma_min up to rounding
-            ends.append(end)
+    jobs = _baseline_jobs(solvers, nfes, specs, afs)
+    # Every grid ends at the schedules' sigma_min up to rounding: the nominal ends come first, so the reference
+    # (and its cache key) stays the same; an end that really differs gets its own reference state.
+    ends = _unique_sigmas([float(spec.sigma_min) for spec in specs] + [float(job.sigmas[-1]) for job in jobs]
+                          + [float(t.sigmas[-1]) for t in loaded.values()])
     noise = seeded_noise(range(seed, seed + num_samples), model.shape, torch.float64)
     key = {"model": model_name, "seed": seed, "num_samples": num_samples, "sigma_max": base.sigma_max}
     t0 = time.perf_counter()
@@ -98,7 +188,7 @@ def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samp
             seq, tot = counter.calls - calls, (counter.items - items) // chunk.shape[0]
         seconds = time.perf_counter() - start
         out = torch.cat(outputs)
-        matches = [s for s in states if abs(s - sigma_end) <= 1e-9 * sigma_end]
+        matches = [s for s in states if _same_sigma(s, sigma_end)]
         if not matches:
             raise KeyError(f"no reference state at sigma={sigma_end}")
         err = out - states[matches[0]]
@@ -107,31 +197,32 @@ def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samp
                 "sequential_evals": seq, "total_evals": tot, "seconds": round(seconds, 3)}
 
     results = []
-    jobs = [(s, n) for s in solvers for n in nfes]
     try:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(jobs) + len(loaded), disable=not progress, desc=f"bench {model_name}")
     except ImportError:  # pragma: no cover
         bar = None
-    for solver_name, nfe in jobs:
-        solver = get_solver(solver_name)
-        steps, use_afs = steps_for_nfe(solver_name, nfe, afs=afs)
-        sigmas = make_sigmas(ScheduleSpec(**{**base.to_dict(), "num_steps": steps + 1}))
-        row = measure(lambda den, z: solver(den, z * sigmas[0], sigmas, afs=use_afs), float(sigmas[-1]))
-        results.append({"solver": solver_name, "nfe": row["sequential_evals"], "afs": use_afs, "steps": steps, **row})
+    for job in jobs:
+        solver = get_solver(job.solver)
+        row = measure(lambda den, z: solver(den, z * job.sigmas[0], job.sigmas, afs=job.afs), float(job.sigmas[-1]))
+        results.append({"solver": job.solver, "nfe": row["sequential_evals"], "afs": job.afs, "steps": job.steps,
+                        "schedule": _schedule_label(job.schedule), "best": False, **row})
         if bar is not None:
             bar.update()
     for name, table in loaded.items():
         row = measure(lambda den, z: sample_epd(den, z * float(table.sigmas[0]), table), float(table.sigmas[-1]))
         results.append({"solver": name, "nfe": row["sequential_evals"], "afs": table.afs,
-                        "steps": table.num_steps - 1, "table": table.source, **row})
+                        "steps": table.num_steps - 1, "schedule": _schedule_label(table.schedule), "best": False,
+                        "table": table.source, **row})
         if bar is not None:
             bar.update()
     if bar is not None:
         bar.close()
+    for row in best_rows(results):
+        row["best"] = True
     return {"model": model_name, "num_samples": num_samples, "seed": seed,
-            "schedule": base.to_dict(), "reference": ref_report, "results": results,
-            "machine": _machine()}
+            "schedule": base.to_dict(), "schedules": [spec.to_dict() for spec in specs], "reference": ref_report,
+            "results": results, "summary": summarize(results), "machine": _machine()}
 
 
 def _machine() -> dict:
@@ -142,20 +233,105 @@ def _machine() -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+# -- best schedule and comparisons ---------------------------------------------------------------------------
+def best_rows(results: list[dict]) -> list[dict]:
+    """The row kept per (solver, NFE): the lowest RMSE over schedules (the first on ties); table rows as they are.
+
+    Returns the row objects themselves (no copies), in order of first appearance.
+    """
+    best: dict[tuple, dict] = {}
+    for row in results:
+        key = (row["solver"], row["nfe"])
+        if key not in best or row["rmse"] < best[key]["rmse"]:
+            best[key] = row
+    return list(best.values())
+
+
+def _baseline_entry(row: dict, table_rmse: float | None = None) -> dict:
+    entry = {"nfe": row["nfe"], "solver": row["solver"], "schedule": row.get("schedule"), "rmse": row["rmse"]}
+    if table_rmse is not None:
+        entry["ratio"] = table_rmse / row["rmse"] if row["rmse"] > 0 else None
+    return entry
+
+
+def summarize(results: list[dict]) -> dict:
+    """Best handcrafted row per NFE, and each table against the best handcrafted one at its sequential NFE and at
+    NFE = its total evaluations (null where no baseline ran at that NFE); see the module docstring."""
+    rows = best_rows(results)
+    per_nfe: dict[int, dict] = {}
+    for row in rows:
+        if "table" not in row and (row["nfe"] not in per_nfe or row["rmse"] < per_nfe[row["nfe"]]["rmse"]):
+            per_nfe[row["nfe"]] = row
+
+    def against(table_row: dict, nfe: int) -> dict | None:
+        return _baseline_entry(per_nfe[nfe], table_row["rmse"]) if nfe in per_nfe else None
+
+    return {"best_baseline": [_baseline_entry(per_nfe[n]) for n in sorted(per_nfe)],
+            "tables": {row["solver"]: {"nfe": row["nfe"], "total_evals": row["total_evals"], "rmse": row["rmse"],
+                                       "best_baseline_same_nfe": against(row, row["nfe"]),
+                                       "best_baseline_same_total": against(row, row["total_evals"])}
+                       for row in rows if "table" in row}}
+
+
+def _baseline_schedules(results: list[dict]) -> set[tuple]:
+    """The (kind, rho) pairs the baselines ran on."""
+    return {(s["kind"], s["rho"]) for r in results if "table" not in r and (s := r.get("schedule"))}
+
+
+def _schedule_tagger(results: list[dict]) -> Callable[[dict], str]:
+    """``row -> " (poly)"`` etc. when baselines ran on several schedules (rho added if a kind repeats), else ``""``."""
+    labels = _baseline_schedules(results)
+    if len(labels) < 2:
+        return lambda row: ""
+    with_rho = len({kind for kind, _ in labels}) < len(labels)
+
+    def tag(row: dict) -> str:
+        spec = row.get("schedule")
+        if "table" in row or not spec:
+            return ""
+        name = SCHEDULE_TAGS.get(spec["kind"], spec["kind"])
+        return f" ({name}, rho {spec['rho']:g})" if with_rho else f" ({name})"
+
+    return tag
+
+
+def _comparison_lines(summary: dict, tag: Callable[[dict], str]) -> list[str]:
+    def vs(entry: dict | None) -> str:
+        if entry is None:
+            return "not run"
+        ratio = "" if entry.get("ratio") is None else f", ratio {entry['ratio']:.3g}"
+        return f"{entry['solver']} {entry['rmse']:.4g}{tag(entry)}{ratio}"
+
+    lines = [f"- best handcrafted at NFE {e['nfe']}: {vs(e)}" for e in summary["best_baseline"]]
+    for name, t in summary["tables"].items():
+        lines.append(f"- table {name} (NFE {t['nfe']}, {t['total_evals']} total evaluations): RMSE {t['rmse']:.4g}; "
+                     f"best handcrafted at NFE {t['nfe']}: {vs(t['best_baseline_same_nfe'])}; "
+                     f"at equal total evaluations (NFE {t['total_evals']}): {vs(t['best_baseline_same_total'])}")
+    if summary["tables"]:
+        lines.append("(ratio = table RMSE / handcrafted RMSE; below 1, the table is better)")
+    return lines + [""]
+
+
 def markdown(report: dict) -> str:
-    """Two markdown tables (RMSE to the exact endpoint, then FD to the data) with solvers as rows."""
-    rows = sorted({r["solver"] for r in report["results"]}, key=lambda s: [r["solver"] for r in report["results"]].index(s))
-    nfes = sorted({r["nfe"] for r in report["results"]})
-    cell = {(r["solver"], r["nfe"]): r for r in report["results"]}
+    """Two markdown tables (RMSE to the exact endpoint, then FD to the data) with solvers as rows, each cell the
+    solver's best schedule at that NFE (tagged when several were run), then the best-handcrafted comparisons."""
+    results = report["results"]
+    kept = best_rows(results)
+    tag = _schedule_tagger(results)
+    solvers = list(dict.fromkeys(r["solver"] for r in results))
+    nfes = sorted({r["nfe"] for r in kept})
+    cell = {(r["solver"], r["nfe"]): r for r in kept}
+    note = "; best schedule per solver and NFE, by RMSE" if len(_baseline_schedules(results)) > 1 else ""
     lines = []
     for metric, title in (("rmse", "RMSE to the exact ODE endpoint"), ("fd", "Frechet distance to the data")):
-        lines.append(f"**{report['model']}: {title}** ({report['num_samples']} samples, seed {report['seed']})\n")
+        lines.append(f"**{report['model']}: {title}** ({report['num_samples']} samples, seed {report['seed']}{note})\n")
         lines.append("| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
         lines.append("|---|" + "---|" * len(nfes))
-        for solver in rows:
-            vals = [f"{cell[(solver, n)][metric]:.4g}" if (solver, n) in cell else "" for n in nfes]
+        for solver in solvers:
+            vals = [f"{cell[(solver, n)][metric]:.4g}{tag(cell[(solver, n)])}" if (solver, n) in cell else "" for n in nfes]
             lines.append(f"| {solver} | " + " | ".join(vals) + " |")
         lines.append("")
+    lines += _comparison_lines(summarize(results), tag)
     ref = report["reference"]
     lines.append(f"Reference: {ref['method']}, rtol {ref['rtol']:.0e}; check against rtol {ref['check_rtol']:.0e}: "
                  f"max |diff| {ref['check_max_abs_diff']:.2e}, RMSE diff {ref['check_rmse_diff']:.2e}; "
@@ -164,6 +340,7 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
+    """Error vs NFE: baselines at their best schedule per NFE (lines), tables as stars."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,7 +348,7 @@ def plot(report: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     by_solver: dict[str, list] = {}
-    for r in report["results"]:
+    for r in best_rows(report["results"]):
         by_solver.setdefault(r["solver"], []).append(r)
     for solver, rows in by_solver.items():
         rows = sorted(rows, key=lambda r: r["nfe"])
@@ -180,10 +357,11 @@ def plot(report: dict, path: Path) -> None:
             ax.plot([r["nfe"] for r in rows], [r[metric] for r in rows], style, label=solver, markersize=8 if style == "*" else 4)
     fd_floor = min(float(v) for v in report["reference"]["fd_to_data"].values())
     axes[1].axhline(fd_floor, color="grey", ls="--", lw=1, label="exact ODE")
+    several = len(_baseline_schedules(report["results"])) > 1
     for ax, title in zip(axes, ("RMSE to exact endpoint", "Frechet distance to data")):
         ax.set_yscale("log")
         ax.set_xlabel("NFE (sequential evaluations)")
-        ax.set_title(f"{report['model']}: {title}")
+        ax.set_title(f"{report['model']}: {title}" + (" (best schedule)" if several else ""))
         ax.grid(alpha=0.3, which="both")
     axes[1].legend(fontsize=8, ncol=2)
     fig.tight_layout()
@@ -193,7 +371,7 @@ def plot(report: dict, path: Path) -> None:
 
 
 def _csv(text: str, cast: Any) -> list:
-    return [cast(v) for v in text.split(",") if v.strip()]
+    return [cast(v.strip()) for v in text.split(",") if v.strip()]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,8 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="first noise seed (sample j uses seed S + j)")
     parser.add_argument("--table", action="append", default=[], metavar="NAME=PATH",
                         help="an EPD table to run at its own NFE and grid (repeatable)")
-    parser.add_argument("--schedule", default="polynomial", choices=["polynomial", "logsnr", "time_uniform"])
-    parser.add_argument("--rho", type=float, help="schedule rho (default 7 for polynomial, 1 for time_uniform)")
+    parser.add_argument("--schedule", default="polynomial", choices=list(BENCH_SCHEDULES))
+    parser.add_argument("--schedules", metavar="KIND,KIND,...",
+                        help="run every baseline on each of these schedules and keep the best per solver and NFE "
+                             f"(any of {','.join(BENCH_SCHEDULES)}; overrides --schedule; each uses its default rho)")
+    parser.add_argument("--rho", type=float, help="schedule rho (default 7 for polynomial, 1 otherwise; single schedule only)")
     parser.add_argument("--afs", action="store_true", help="one-evaluation solvers also use AFS (one more step)")
     parser.add_argument("--rtol", type=float, default=1e-7, help="reference tolerance (checked against rtol/100)")
     parser.add_argument("--batch", type=int, default=1000)
@@ -220,14 +401,19 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             parser.error(f"--table expects NAME=PATH (got {item!r})")
         tables[name] = path
+    kinds = list(dict.fromkeys(_csv(args.schedules, str))) if args.schedules is not None else [args.schedule]
+    unknown = [k for k in kinds if k not in BENCH_SCHEDULES]
+    if unknown or not kinds:
+        parser.error(f"--schedules takes a comma list of {', '.join(BENCH_SCHEDULES)} (got {args.schedules!r})")
+    if args.rho is not None and len(kinds) > 1:
+        parser.error("--rho applies to a single schedule; with --schedules each kind uses its default rho")
     from backends.analytic import make_analytic
 
     model = make_analytic(args.model)
-    rho = args.rho if args.rho is not None else default_rho(args.schedule)
-    schedule = ScheduleSpec(kind=args.schedule, num_steps=2, sigma_min=model.sigma_min, sigma_max=model.sigma_max, rho=rho)
+    specs = bench_schedules(kinds, model.sigma_min, model.sigma_max, args.rho)
     report = run_benchmark(args.model, _csv(args.solvers, str), _csv(args.nfe, int), args.num_samples, args.seed,
-                           tables, schedule, args.afs, args.rtol, args.batch,
-                           None if args.no_cache else Path(".cache/bench"))
+                           tables, None, args.afs, args.rtol, args.batch,
+                           None if args.no_cache else Path(".cache/bench"), schedules=specs)
     print(markdown(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from tqdm.auto import trange
 
 from .core import Callback, Denoiser, analytic_denoised, as_tensor, direction, repeat_condition, sigma_batch
 
-__all__ = ["TableLike", "epd_step", "adams_bashforth", "sample_epd"]
+__all__ = ["TableLike", "epd_step", "epd_sampler_step", "adams_bashforth", "sample_epd"]
 
 
 class TableLike(Protocol):
@@ -107,6 +107,33 @@ def epd_step(denoiser: Denoiser, x: torch.Tensor, sigma_cur: float | torch.Tenso
     return x + (t_n - t_c) * combined
 
 
+def epd_sampler_step(denoiser: Denoiser, x: torch.Tensor, sigma_cur: Any, sigma_next: Any, positions: Any,
+                     weights: Any, cond: Any = None, *, dir_scales: Any = None, time_scales: Any = None,
+                     analytic: bool = False, flow: bool = False, history: list[torch.Tensor] | None = None,
+                     max_order: int = 0, parallel: bool = True,
+                     cond_repeated: Any = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One step of the EPD sampler, shared by :func:`sample_epd` and the Stage-1 trainer.
+
+    Evaluates the current direction (or the AFS estimate when ``analytic``), extrapolates the peek direction
+    with Adams-Bashforth when ``max_order > 0`` (the iPNDM plugin, with ``history`` its past directions,
+    newest last), and takes :func:`epd_step`. Returns ``(x_next, denoised, history)``; the history is a new
+    list, so callers may keep or drop the old one. Table rows may carry autograd graphs.
+    """
+    history = list(history or [])
+    if analytic:
+        denoised = analytic_denoised(x, sigma_cur, flow)
+    else:
+        denoised = denoiser(x, sigma_batch(sigma_cur, x), cond)
+    d_cur = direction(x, denoised, sigma_cur)
+    peek = adams_bashforth(d_cur, history, max_order) if max_order > 0 else None
+    x_next = epd_step(denoiser, x, sigma_cur, sigma_next, positions, weights, cond, d_cur=d_cur,
+                      dir_scales=dir_scales, time_scales=time_scales, peek_direction=peek, parallel=parallel,
+                      cond_repeated=cond_repeated)
+    if max_order > 1:
+        history = (history + [d_cur])[-(max_order - 1):]
+    return x_next, denoised, history
+
+
 def sample_epd(denoiser: Denoiser, x: torch.Tensor, table: TableLike, cond: Any = None, *,
                parallel: bool = True, afs: bool | None = None, flow: bool = False,
                denoise_to_zero: bool = False, callback: Callback | None = None,
@@ -136,20 +163,13 @@ def sample_epd(denoiser: Denoiser, x: torch.Tensor, table: TableLike, cond: Any 
 
     for i in trange(num_rows, disable=disable, desc="EPD", leave=False):
         t_c, t_n = sigmas[i], sigmas[i + 1]
-        if use_afs and i == 0:
-            denoised = analytic_denoised(x, t_c, flow)
-        else:
-            denoised = denoiser(x, sigma_batch(t_c, x), cond)
-        d_cur = direction(x, denoised, t_c)
         dir_scales = row(table.dir_scales, i)
         if table.fcn and i == num_rows - 1:
             dir_scales = None  # "fcn": the final step uses unscaled directions (spec 1.1)
-        peek = adams_bashforth(d_cur, history, max_order) if plugin else None
-        x = epd_step(denoiser, x, t_c, t_n, positions[i], row(table.weights, i), cond, d_cur=d_cur,
-                     dir_scales=dir_scales, time_scales=row(table.time_scales, i), peek_direction=peek,
-                     parallel=parallel, cond_repeated=cond_repeated)
-        if plugin and max_order > 1:
-            history = (history + [d_cur])[-(max_order - 1):]
+        x, denoised, history = epd_sampler_step(
+            denoiser, x, t_c, t_n, positions[i], row(table.weights, i), cond, dir_scales=dir_scales,
+            time_scales=row(table.time_scales, i), analytic=use_afs and i == 0, flow=flow, history=history,
+            max_order=max_order if plugin else 0, parallel=parallel, cond_repeated=cond_repeated)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": t_c, "sigma_next": t_n, "denoised": denoised})
     if denoise_to_zero:

@@ -1,0 +1,1 @@
+"""Training utilities for EPD-Solver distillation (Stage-1 losses, feature extractors)."""

@@ -1,0 +1,170 @@
+"""Stage-1 distillation settings: defaults, YAML files with ``inherit:``, ``key=value`` overrides, checks.
+
+Every setting has a default here (the authors' ``train.py`` defaults where they exist, spec 6.1); a YAML file
+overrides some of them and may ``inherit:`` another file (a path relative to itself, or a list of them,
+merged in order). ``--override a.b=value`` (omegaconf dotlist syntax) comes last. The resolved config is
+written into the run folder, so a run is reproducible from its folder alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = ["DEFAULTS", "ConfigError", "load_config", "validate", "PIXEL_DATASETS"]
+
+# Datasets the authors' last-step-only rule applies to (spec 6.3, 9.24).
+PIXEL_DATASETS = ("cifar10", "ffhq", "afhqv2", "imagenet64")
+
+DEFAULTS: dict[str, Any] = {
+    "name": "distill",
+    "dataset": None,                  # metadata; selects the authors' loss-step rule (spec 9.24)
+    "backend": {"name": "gmm"},       # passed to backends.load_backend(name, **rest)
+    "guidance": {"type": None, "rate": 1.0},
+    "conditions": {                   # what each trajectory is conditioned on
+        "prompt_file": None,          # one prompt per line (or a CSV column, see prompt_column)
+        "prompt_column": None,
+        "num_classes": 0,             # > 0: random class labels 0..n-1 (class-conditional models)
+    },
+    "schedule": {"kind": "polynomial", "rho": 7.0, "sigma_min": None, "sigma_max": None,
+                 "variant": "correct", "shift": None, "mu": None},
+    "student": {
+        "solver": "epd",              # epd | ipndm (the EPD-Plugin)
+        "num_steps": 4,               # N grid points, N-1 steps
+        "num_points": 2,              # K
+        "afs": True,
+        "scale_dir": 0.01,            # half-width of the direction-scale range; 0 disables (spec 2.2)
+        "scale_time": 0.0,
+        "fcn": False,
+        "max_order": 3,               # plugin only
+        "init": "uniform",            # uniform | random (the authors' N(0,1)) | path to a table
+        "init_positions": [0.335, 0.665],
+    },
+    "teacher": {
+        "solver": "heun",             # a registry solver, or "reference" (adaptive, for exact models)
+        "M": 1,                       # intermediate teacher steps per student interval
+        "rtol": 1.0e-6,               # reference teacher only
+        "cache": None,                # folder for cached teacher trajectories (null: no cache)
+    },
+    "loss": {
+        "steps": "auto",              # auto (authors' rule) | all | last
+        "backprop": "trajectory",     # trajectory (authors: BPTT through the student) | step (detach per step)
+        "alpha": 10.0,                # weight of the final-step feature loss (spec 6.3)
+        "features": "data",           # data | inception | lpips
+        "features_path": None,        # local weights for inception / lpips backbones
+        "final": "features",          # features (authors: replaces the data loss) | features+data
+    },
+    "optim": {"lr": 5.0e-3, "betas": [0.9, 0.999], "eps": 1.0e-8, "cosine": False, "eta_min": 0.01},
+    "batch": 512,                     # trajectories per iteration, all ranks together
+    "batch_gpu": None,                # per-rank micro-batch (gradient accumulation); null = no split
+    "total_kimg": 10.0,               # thousands of trajectories in total
+    "seed": 0,
+    "dtype": "auto",                  # auto (backend's state dtype) | float32 | float64
+    "device": "auto",
+    "outdir": "exps",
+    "export": None,                   # also write the final table here (e.g. exps/gmm/epd-nfe5.pkl)
+    "checkpoint_every": 25,           # iterations
+    "snapshot_tables": False,         # also keep a table file per checkpoint
+}
+
+_CHOICES = {
+    "student.solver": ("epd", "ipndm"),
+    "loss.steps": ("auto", "all", "last"),
+    "loss.backprop": ("trajectory", "step"),
+    "loss.features": ("data", "inception", "lpips"),
+    "loss.final": ("features", "features+data"),
+    "dtype": ("auto", "float32", "float64"),
+    "schedule.kind": ("polynomial", "logsnr", "time_uniform", "discrete", "flowmatch"),
+}
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names it."""
+
+
+def _read(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'inherit' loop through {' -> '.join(str(p) for p in seen)}")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    node = OmegaConf.load(path)
+    parents = node.pop("inherit", None)
+    if parents is None:
+        return node
+    merged = OmegaConf.create({})
+    for parent in [parents] if isinstance(parents, str) else list(parents):
+        merged = OmegaConf.merge(merged, _read(path.parent / parent, seen + (path,)))
+    return OmegaConf.merge(merged, node)
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> DictConfig:
+    """Defaults <- YAML file (with its ``inherit`` chain) <- ``key=value`` overrides; then :func:`validate`."""
+    config = OmegaConf.create(DEFAULTS)
+    OmegaConf.set_struct(config, True)  # a misspelt key is an error, not a silently ignored setting
+    OmegaConf.set_struct(config.backend, False)  # backend options are the backend's business
+    try:
+        if path is not None:
+            config = OmegaConf.merge(config, _read(Path(path)))
+        overrides = list(overrides)
+        if overrides:
+            config = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
+    except ConfigError:
+        raise
+    except Exception as err:  # omegaconf's own errors name the key
+        raise ConfigError(f"{path or 'overrides'}: {err}") from None
+    validate(config)
+    return config
+
+
+def validate(config: DictConfig) -> None:
+    """Check types and ranges, with messages that name the setting."""
+
+    def get(key: str) -> Any:
+        return OmegaConf.select(config, key)
+
+    def fail(key: str, why: str) -> None:
+        raise ConfigError(f"setting '{key}' {why} (got {get(key)!r})")
+
+    for key, allowed in _CHOICES.items():
+        if get(key) not in allowed:
+            fail(key, f"must be one of {', '.join(allowed)}")
+    student = config.student
+    if int(student.num_steps) < 2:
+        fail("student.num_steps", "must be >= 2 (N grid points give N-1 steps)")
+    if int(student.num_points) < 1:
+        fail("student.num_points", "must be >= 1")
+    for key in ("student.scale_dir", "student.scale_time"):
+        if not 0 <= float(get(key)) < 1:
+            fail(key, "must lie in [0, 1) (it is the half-width of the scale range around 1)")
+    if student.solver == "ipndm" and not 1 <= int(student.max_order) <= 4:
+        fail("student.max_order", "must be 1..4 for the iPNDM plugin")
+    if isinstance(student.init, str) and student.init not in ("uniform", "random") and not Path(student.init).is_file():
+        fail("student.init", "must be 'uniform', 'random' or an existing table file")
+    if len(student.init_positions) != int(student.num_points):
+        fail("student.init_positions", f"needs one position per point (num_points = {student.num_points})")
+    if not all(0 < float(r) < 1 for r in student.init_positions):
+        fail("student.init_positions", "must lie in (0, 1)")
+    if config.teacher.solver != "reference":
+        from solvers.registry import get_solver
+
+        try:
+            get_solver(config.teacher.solver)
+        except KeyError as err:
+            raise ConfigError(f"setting 'teacher.solver': {err.args[0]}; or 'reference'") from None
+    if int(config.teacher.M) < 0:
+        fail("teacher.M", "must be >= 0")
+    if float(config.loss.alpha) < 0:
+        fail("loss.alpha", "must be >= 0")
+    if float(config.optim.lr) <= 0:
+        fail("optim.lr", "must be > 0")
+    if int(config.batch) < 1:
+        fail("batch", "must be >= 1")
+    if config.batch_gpu is not None and int(config.batch_gpu) < 1:
+        fail("batch_gpu", "must be >= 1 or null")
+    if float(config.total_kimg) <= 0:
+        fail("total_kimg", "must be > 0")
+    if int(config.checkpoint_every) < 1:
+        fail("checkpoint_every", "must be >= 1")

@@ -1,0 +1,513 @@
+"""The Stage-1 distillation loop (spec 6): fit a predictor table to a teacher's trajectories.
+
+Per iteration (one batch of trajectories, spec 6.2-6.3):
+
+1. draw the batch's noise and conditions from per-trajectory seeds (so every rank draws different ones,
+   a resumed run redraws the same ones, and training seeds never overlap evaluation seeds < 2^31);
+2. compute (or load from the cache) the teacher's states at the student's grid points, without gradients;
+3. roll the student out step by step from the same noise; after step n the loss
+   ``L_n = mean_b mean_elements (x_{n+1}^student - x_{n+1}^teacher)^2`` is back-propagated (through the
+   whole student trajectory, as the authors do, or through this step alone) and Adam takes one step;
+   the last step may use ``alpha * mean_features (f(student) - f(teacher))^2`` instead;
+4. under DDP the gradients are summed over ranks, so N ranks of B/N trajectories give the update of one
+   process with B.
+
+Our losses are per-element means; the authors sum over C*H*W (spec 6.3) and their final feature loss is
+broadcast to the pixel shape (spec 9.23), so both of their terms carry the same C*H*W factor: the ratio of
+final to intermediate losses, hence ``alpha``, means the same in both codes. Only the overall scale differs,
+which Adam ignores up to its ``eps``.
+
+A run lives in ``<outdir>/<id>-<name>/``: ``config.yaml``, ``log.jsonl``, ``checkpoint.pt`` (atomic; a killed
+run resumes from it and ends with the same table), ``table.pkl``/``table.json`` and ``table.png``; with
+``export`` set, the final table is also written to that path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from solvers.core import repeat_condition, seeded_noise
+from solvers.epd import epd_sampler_step
+from solvers.schedules import ScheduleSpec, make_sigmas
+from solvers.table import PredictorTable, load_table, save_table
+
+from .config import PIXEL_DATASETS, load_config
+from .params import TableParameters
+from .teacher import TeacherCache, teacher_states
+
+__all__ = ["Distiller", "train", "noise_seeds", "new_run_dir", "TRAIN_SEED_BASE"]
+
+# Training noise uses generator seeds in [2^31, 2^32): evaluation seeds below 2^31 are never trained on.
+TRAIN_SEED_BASE = 1 << 31
+
+
+def noise_seeds(seed: int, ids: torch.Tensor) -> list[int]:
+    """Generator seed of each trajectory id (see :data:`TRAIN_SEED_BASE`)."""
+    return [TRAIN_SEED_BASE + (int(seed) * 1_000_003 + int(i)) % TRAIN_SEED_BASE for i in ids]
+
+
+def new_run_dir(outdir: str | Path, name: str) -> Path:
+    """``<outdir>/<id:05d>-<name>`` with the next free id (the authors' numbering)."""
+    outdir = Path(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    ids = [int(m.group(1)) for p in outdir.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+    path = outdir / f"{max(ids, default=0) + 1:05d}-{safe}"
+    path.mkdir()
+    return path
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+@dataclass
+class _Batch:
+    ids: torch.Tensor
+    x_start: torch.Tensor
+    cond: Any
+    cond_repeated: Any
+    targets: torch.Tensor      # [N-1, b, ...] teacher states at sigma_1 .. sigma_{N-1}
+
+
+class Distiller:
+    """One distillation run. ``denoiser``/``backend`` may be injected (tests, custom models); otherwise the
+    backend named in the config is loaded. Call :meth:`run`."""
+
+    def __init__(self, config: DictConfig, run_dir: str | Path, *, backend: Any = None,
+                 progress: bool = True, stop_after: int | None = None):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.progress = progress
+        self.stop_after = stop_after
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.device = self._device(config.device)
+        self.injected = backend is not None
+        self.backend = backend if backend is not None else self._load_backend()
+        self.flow = getattr(self.backend, "family", "ve") == "flow"
+        self.dtype = self._dtype(config.dtype)
+        self.schedule, self.sigmas = self._grid()
+        student = config.student
+        self.num_rows = len(self.sigmas) - 1
+        init: Any = student.init
+        if init not in ("uniform", "random"):
+            init = load_table(init)
+        generator = torch.Generator().manual_seed(int(config.seed))
+        self.params = TableParameters(self.num_rows, int(student.num_points), scale_dir=float(student.scale_dir),
+                                      scale_time=float(student.scale_time), init=init,
+                                      init_positions=list(student.init_positions), generator=generator,
+                                      dtype=torch.float64 if self.dtype == torch.float64 else torch.float32).to(self.device)
+        optim = config.optim
+        self.optimizer = torch.optim.Adam(self.params.parameters(), lr=float(optim.lr),
+                                          betas=tuple(float(b) for b in optim.betas), eps=float(optim.eps))
+        batch = int(config.batch)
+        if batch % self.world:
+            raise ValueError(f"batch {batch} is not divisible by the {self.world} ranks")
+        self.per_rank = batch // self.world
+        self.micro = int(config.batch_gpu or self.per_rank)
+        if self.per_rank % self.micro:
+            raise ValueError(f"per-rank batch {self.per_rank} is not divisible by batch_gpu {self.micro}")
+        self.iterations = math.ceil(float(config.total_kimg) * 1000 / batch)
+        self.scheduler = None
+        if optim.cosine:  # the authors' T_max and absolute floor (spec 6.1, 9.27)
+            self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+                self.optimizer, T_max=int(float(config.total_kimg) * 1000) // batch + 1, eta_min=float(optim.eta_min))
+        self.loss_steps = self._loss_steps()
+        self.feature_loss = self._feature_loss()
+        self.prompts = self._prompts()
+        self.cache = self._cache()
+        self.start_iteration = 0
+        self.teacher_seconds = 0.0
+
+    # -- setup --------------------------------------------------------------------------------------------
+    def _device(self, name: str) -> torch.device:
+        if name != "auto":
+            return torch.device(name)
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+
+    def _load_backend(self) -> Any:
+        from backends import load_backend
+
+        options = OmegaConf.to_container(self.config.backend, resolve=True)
+        name = options.pop("name")
+        if self.config.guidance.type in ("cfg", "classifier-free") and float(self.config.guidance.rate) != 1.0:
+            options.setdefault("guidance", float(self.config.guidance.rate))
+        return load_backend(name, **options)
+
+    def _dtype(self, name: str) -> torch.dtype:
+        if name == "auto":
+            return getattr(self.backend, "state_dtype", torch.float32)
+        return {"float32": torch.float32, "float64": torch.float64}[name]
+
+    def _grid(self) -> tuple[ScheduleSpec, torch.Tensor]:
+        sched = self.config.schedule
+        spec = ScheduleSpec(kind=sched.kind, num_steps=int(self.config.student.num_steps),
+                            sigma_min=float(sched.sigma_min if sched.sigma_min is not None else self.backend.sigma_min),
+                            sigma_max=float(sched.sigma_max if sched.sigma_max is not None else self.backend.sigma_max),
+                            rho=float(sched.rho), variant=sched.variant, shift=sched.shift, mu=sched.mu)
+        sigmas = make_sigmas(spec, alphas_cumprod=getattr(self.backend, "alphas_cumprod", None)).double()
+        if bool((sigmas <= 0).any()):
+            raise ValueError("the student grid must end above sigma = 0 (EPD interpolates geometrically)")
+        return spec, sigmas
+
+    def _loss_steps(self) -> set[int]:
+        mode = self.config.loss.steps
+        if mode == "auto":  # the authors' hard-coded rule (spec 6.3, 9.24)
+            last_only = (self.config.student.solver == "epd" and int(self.config.student.num_steps) < 6
+                         and self.config.dataset in PIXEL_DATASETS)
+            mode = "last" if last_only else "all"
+        return {self.num_rows - 1} if mode == "last" else set(range(self.num_rows))
+
+    def _feature_loss(self) -> Callable | None:
+        loss = self.config.loss
+        if loss.features == "data":
+            return None
+        from training.features import make_feature_loss
+
+        if not loss.features_path:
+            raise ValueError(f"loss.features={loss.features} needs loss.features_path: a local weights file "
+                             "(nothing is downloaded); or use loss.features=data")
+        return make_feature_loss(loss.features, loss.features_path, device=self.device)
+
+    def _prompts(self) -> list[str] | None:
+        cond = self.config.conditions
+        if not cond.prompt_file:
+            return None
+        path = Path(cond.prompt_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file not found: {path} (conditions.prompt_file)")
+        if cond.prompt_column:
+            import csv
+
+            with path.open(newline="") as handle:
+                rows = list(csv.DictReader(handle))
+            if not rows or cond.prompt_column not in rows[0]:
+                raise ValueError(f"{path}: no column {cond.prompt_column!r} (conditions.prompt_column)")
+            prompts = [row[cond.prompt_column] for row in rows]
+        else:
+            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"{path}: no prompts")
+        return prompts
+
+    def _cache(self) -> TeacherCache | None:
+        root = self.config.teacher.cache
+        if not root:
+            return None
+        describe = getattr(self.backend, "describe", None)
+        key = {"backend": describe() if callable(describe) else type(self.backend).__name__,
+               "sigmas": self.sigmas.tolist(), "schedule": self.schedule.to_dict(),
+               "teacher": OmegaConf.to_container(self.config.teacher, resolve=True),
+               "conditions": OmegaConf.to_container(self.config.conditions, resolve=True),
+               "guidance": OmegaConf.to_container(self.config.guidance, resolve=True),
+               "seed": int(self.config.seed), "dtype": str(self.dtype), "flow": self.flow}
+        key["teacher"].pop("cache", None)
+        return TeacherCache(root, key)
+
+    # -- data ------------------------------------------------------------------------------------------------
+    def _conditions(self, ids: torch.Tensor) -> Any:
+        cond = self.config.conditions
+        if self.prompts is None and int(cond.num_classes) <= 0:
+            return None
+        picks = [int(np.random.default_rng([int(self.config.seed), int(i), 1]).integers(
+            len(self.prompts) if self.prompts is not None else int(cond.num_classes))) for i in ids]
+        if self.prompts is None:
+            return torch.tensor(picks, dtype=torch.long, device=self.device)
+        encoded = self.backend.encode_prompts([self.prompts[p] for p in picks])
+        return encoded.to(self.device) if isinstance(encoded, torch.Tensor) else encoded
+
+    def _batch(self, ids: torch.Tensor) -> _Batch:
+        shape = tuple(self.backend.shape)
+        noise = seeded_noise(noise_seeds(int(self.config.seed), ids), shape, self.dtype, self.device)
+        x_start = noise if self.flow else noise * float(self.sigmas[0])
+        cond = self._conditions(ids)
+        targets = self.cache.get(ids) if self.cache is not None else None
+        if targets is None:
+            start = time.perf_counter()
+            teacher = self.config.teacher
+            targets = teacher_states(self.backend, x_start, self.sigmas, cond, solver=teacher.solver,
+                                     M=int(teacher.M), schedule=self.schedule, rtol=float(teacher.rtol),
+                                     alphas_cumprod=getattr(self.backend, "alphas_cumprod", None), flow=self.flow)
+            self.teacher_seconds += time.perf_counter() - start
+            if self.cache is not None:
+                self.cache.put(ids, targets)
+        targets = targets.to(device=self.device, dtype=self.dtype)
+        return _Batch(ids, x_start, cond, repeat_condition(cond, int(self.config.student.num_points)), targets)
+
+    def batch_ids(self, iteration: int) -> torch.Tensor:
+        """This rank's trajectory ids of an iteration (ranks take consecutive slices of the global batch)."""
+        first = iteration * int(self.config.batch) + self.rank * self.per_rank
+        return torch.arange(first, first + self.per_rank)
+
+    # -- loss --------------------------------------------------------------------------------------------------
+    def _step_loss(self, student: torch.Tensor, target: torch.Tensor, last: bool) -> torch.Tensor:
+        """Per-sample loss ``[b]`` of one step (module docstring)."""
+        data = (student - target).pow(2).flatten(1).mean(1)
+        if not last or self.feature_loss is None:
+            return data
+        decode = getattr(self.backend, "decode", None)
+        images_student = decode(student) if callable(decode) else student
+        with torch.no_grad():
+            images_teacher = decode(target) if callable(decode) else target
+        features = float(self.config.loss.alpha) * self.feature_loss(images_student, images_teacher)
+        return features + data if self.config.loss.final == "features+data" else features
+
+    def _reduce_gradients(self) -> None:
+        grads = [p.grad for p in self.params.parameters()]
+        if self.world > 1:
+            present = torch.tensor([g is not None for g in grads], dtype=torch.float32, device=self.device)
+            dist.all_reduce(present)  # a rank with no gradient for a tensor still joins the sum
+            for p, flag in zip(self.params.parameters(), present.tolist()):
+                if flag > 0:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+        for p in self.params.parameters():
+            if p.grad is not None:  # the authors' guard (spec 6.3)
+                torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+
+    def train_iteration(self, iteration: int) -> dict:
+        """One batch of trajectories: N-1 optimiser steps. Returns the log record."""
+        config = self.config
+        batches = [self._batch(ids) for ids in self.batch_ids(iteration).split(self.micro)]
+        states = [b.x_start for b in batches]
+        histories: list[list[torch.Tensor]] = [[] for _ in batches]
+        plugin_order = int(config.student.max_order) if config.student.solver == "ipndm" else 0
+        total_batch = float(config.batch)
+        trajectory = config.loss.backprop == "trajectory"
+        step_losses = []
+        for n in range(self.num_rows):
+            self.optimizer.zero_grad(set_to_none=True)
+            last = n == self.num_rows - 1
+            step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+            for c, batch in enumerate(batches):
+                row = self.params.row(n)
+                if config.student.fcn and last:
+                    row["dir_scales"] = None
+                x_in = states[c] if trajectory else states[c].detach()
+                history = histories[c] if trajectory else [h.detach() for h in histories[c]]
+                x_next, _, histories[c] = epd_sampler_step(
+                    self.backend, x_in, self.sigmas[n], self.sigmas[n + 1], cond=batch.cond,
+                    analytic=bool(config.student.afs) and n == 0, flow=self.flow, history=history,
+                    max_order=plugin_order, cond_repeated=batch.cond_repeated, **row)
+                per_sample = self._step_loss(x_next, batch.targets[n], last)
+                loss = per_sample.sum() / total_batch
+                if n in self.loss_steps and loss.requires_grad:
+                    loss.backward(retain_graph=trajectory and not last)
+                step_loss += loss.detach().double()
+                states[c] = x_next
+            if self.world > 1:
+                dist.all_reduce(step_loss)
+            self._reduce_gradients()
+            if any(p.grad is not None for p in self.params.parameters()):
+                self.optimizer.step()
+            step_losses.append(float(step_loss))
+        lr = self.optimizer.param_groups[0]["lr"]
+        if self.scheduler is not None:
+            self.scheduler.step()
+        values = self.params.effective()
+        record = {"iteration": iteration + 1, "kimg": (iteration + 1) * int(config.batch) / 1000,
+                  "loss": float(sum(step_losses[n] for n in sorted(self.loss_steps))),
+                  "step_losses": step_losses, "lr": lr,
+                  "positions": values["positions"].tolist(), "weights": values["weights"].tolist()}
+        for key in ("dir_scales", "time_scales"):
+            if values[key] is not None:
+                record[key] = values[key].tolist()
+        return record
+
+    # -- run folder ------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def save_checkpoint(self, iteration: int) -> None:
+        if self.rank != 0:
+            return
+        _atomic_torch_save({"iteration": iteration, "params": self.params.state_dict(),
+                            "optimizer": self.optimizer.state_dict(),
+                            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                            "sigmas": self.sigmas}, self.checkpoint_path)
+        if self.config.snapshot_tables:
+            save_table(self.table(), self.run_dir / f"table-{iteration:06d}.pkl")
+
+    def load_checkpoint(self) -> bool:
+        """Restore from ``checkpoint.pt`` if present; returns whether it did."""
+        if not self.checkpoint_path.is_file():
+            return False
+        saved = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+        if not torch.allclose(saved["sigmas"].double().cpu(), self.sigmas):
+            raise ValueError(f"{self.checkpoint_path}: saved grid differs from the config's grid")
+        self.params.load_state_dict(saved["params"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.scheduler is not None and saved["scheduler"] is not None:
+            self.scheduler.load_state_dict(saved["scheduler"])
+        self.start_iteration = int(saved["iteration"])
+        self._truncate_log(self.start_iteration)
+        return True
+
+    def _truncate_log(self, iteration: int) -> None:
+        """Drop log lines written after the checkpoint (they will be written again)."""
+        path = self.run_dir / "log.jsonl"
+        if self.rank != 0 or not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line).get("iteration", 0) <= iteration:
+                    kept.append(line)
+            except json.JSONDecodeError:  # a line cut by the kill
+                break
+        _atomic_text(path, "".join(f"{line}\n" for line in kept))
+
+    def metadata(self, seconds: float | None = None, final_loss: float | None = None) -> dict:
+        config = self.config
+        describe = getattr(self.backend, "describe", None)
+        info = describe() if callable(describe) else {"backend": type(self.backend).__name__}
+        if self.injected:  # a model handed in by code: record what it says about itself
+            backend, options = info.get("backend", type(self.backend).__name__), {}
+        else:              # what load_backend() needs to rebuild it (sample.py reads these two fields)
+            options = OmegaConf.to_container(config.backend, resolve=True)
+            backend = options.pop("name")
+        counts = self.table_eval_count()
+        return {
+            "name": config.name, "run": self.run_dir.name, "source": "stage-1 distillation (training.distill)",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "backend": backend, "backend_config": options, "model": info, "dataset": config.dataset,
+            "guidance_type": config.guidance.type, "guidance_rate": float(config.guidance.rate),
+            "schedule": self.schedule.to_dict(),
+            "teacher": {"solver": config.teacher.solver, "M": int(config.teacher.M),
+                        **({"rtol": float(config.teacher.rtol)} if config.teacher.solver == "reference" else {})},
+            "num_points": int(config.student.num_points), "alpha": float(config.loss.alpha),
+            "afs": bool(config.student.afs), "scale_dir": float(config.student.scale_dir),
+            "scale_time": float(config.student.scale_time),
+            "nfe": {"sequential": counts.sequential, "total": counts.total},
+            "loss": OmegaConf.to_container(config.loss, resolve=True),
+            "training": {"iterations": self.iterations, "batch": int(config.batch), "kimg": float(config.total_kimg),
+                         "seed": int(config.seed), "lr": float(config.optim.lr), "cosine": bool(config.optim.cosine),
+                         "world_size": self.world, "seconds": seconds, "final_loss": final_loss,
+                         "seed_space": f"noise seeds >= {TRAIN_SEED_BASE}"},
+        }
+
+    def table_eval_count(self):
+        from solvers.registry import eval_count
+
+        return eval_count("epd", self.sigmas, afs=bool(self.config.student.afs),
+                          num_points=int(self.config.student.num_points))
+
+    def table(self, **metadata: Any) -> PredictorTable:
+        student = self.config.student
+        return self.params.to_table(self.sigmas, solver=student.solver, afs=bool(student.afs), fcn=bool(student.fcn),
+                                    max_order=int(student.max_order), metadata={**self.metadata(), **metadata})
+
+    # -- main loop ------------------------------------------------------------------------------------------
+    def run(self) -> PredictorTable:
+        """Train (resuming from ``checkpoint.pt`` if present) and write the final table."""
+        self.load_checkpoint()
+        log_path = self.run_dir / "log.jsonl"
+        bar = tqdm(total=self.iterations, initial=self.start_iteration, disable=not self.progress or self.rank != 0,
+                   desc=f"distill {self.config.name}", unit="it")
+        start = time.perf_counter()
+        record: dict = {}
+        for iteration in range(self.start_iteration, self.iterations):
+            tick = time.perf_counter()
+            record = self.train_iteration(iteration)
+            record["seconds"] = round(time.perf_counter() - tick, 4)
+            record["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            if self.rank == 0:
+                with log_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}")
+            bar.update()
+            done = iteration + 1
+            if done % int(self.config.checkpoint_every) == 0 or done == self.iterations:
+                self.save_checkpoint(done)
+            if self.stop_after is not None and done >= self.stop_after and done < self.iterations:
+                bar.close()
+                return self.table()
+        bar.close()
+        seconds = time.perf_counter() - start
+        final_loss = record.get("loss")
+        table = self.table(**{"training": {**self.metadata(seconds, final_loss)["training"]}})
+        if self.rank == 0:
+            save_table(table, self.run_dir / "table.pkl")
+            save_table(table, self.run_dir / "table.json")
+            if self.config.export:
+                Path(self.config.export).parent.mkdir(parents=True, exist_ok=True)
+                save_table(table, self.config.export)
+            from .plot import plot_run
+
+            plot_run(self.run_dir)
+        return table
+
+
+def _init_distributed() -> None:
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend=backend)
+
+
+def train(config: DictConfig | str | Path, overrides: list[str] | None = None, *, resume: str | Path | None = None,
+          run_dir: str | Path | None = None, backend: Any = None, progress: bool = True,
+          stop_after: int | None = None) -> tuple[PredictorTable, Path]:
+    """Run a distillation: a new run folder under ``config.outdir``, or ``resume`` an existing one (its saved
+    config is used). Works in one process or under ``torchrun`` (gloo on CPU, NCCL on GPU)."""
+    _init_distributed()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if resume is not None:
+        folder = Path(resume)
+        if not (folder / "config.yaml").is_file():
+            raise FileNotFoundError(f"{folder} is not a run folder (no config.yaml)")
+        config = load_config(folder / "config.yaml", overrides or [])
+    else:
+        if not isinstance(config, DictConfig):
+            config = load_config(config, overrides or [])
+        folder = None
+        if rank == 0:
+            folder = Path(run_dir) if run_dir is not None else new_run_dir(config.outdir, config.name)
+            folder.mkdir(parents=True, exist_ok=True)
+            _atomic_text(folder / "config.yaml", OmegaConf.to_yaml(config))
+        if dist.is_initialized():
+            shared = [str(folder) if folder is not None else None]
+            dist.broadcast_object_list(shared, src=0)
+            folder = Path(shared[0])
+    assert folder is not None
+    distiller = Distiller(config, folder, backend=backend, progress=progress, stop_after=stop_after)
+    table = distiller.run()
+    if dist.is_initialized():
+        dist.barrier()
+    return table, folder
