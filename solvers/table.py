@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import os
 import pickle
 import sys
@@ -29,7 +28,7 @@ import numpy as np
 from .official import OfficialSnapshot, UnsafePickleError, read_official
 from .schedules import ScheduleSpec, default_rho, discrete_sigmas, flowmatch_sigmas, make_sigmas
 
-__all__ = ["PredictorTable", "TableError", "UnsafePickleError", "load_table", "save_table", "uniform_table",
+__all__ = ["PredictorTable", "TableError", "UnsafePickleError", "load_table", "save_table", "uniform_table", "atomic_write",
            "table_from_official", "FORMAT"]
 
 FORMAT = "epd-solver/predictor-table"
@@ -215,7 +214,8 @@ class _NeedsGlobals(pickle.UnpicklingError):
         super().__init__(f"{module}.{name}")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -246,7 +246,7 @@ def save_table(table: PredictorTable, path: str | Path) -> Path:
         payload = json.dumps(data, indent=1).encode()
     else:
         payload = pickle.dumps(data, protocol=4)
-    _atomic_write(path, payload)
+    atomic_write(path, payload)
     return path
 
 

@@ -3,7 +3,6 @@ exact reference, and honest evaluation counts. (Parity with diffusers: test_pari
 
 import math
 
-import numpy as np
 import pytest
 import torch
 

@@ -19,7 +19,7 @@ from solvers.core import seeded_noise
 from solvers.epd import sample_epd
 from solvers.registry import get_solver
 from solvers.schedules import ScheduleSpec, make_sigmas
-from solvers.table import load_table, uniform_table
+from solvers.table import load_table
 from training.distill import ConfigError, Distiller, TableParameters, load_config, teacher_grid, teacher_states, train
 from training.distill.launch import main as launch_main
 from training.distill.trainer import TRAIN_SEED_BASE, noise_seeds
@@ -404,3 +404,14 @@ def test_sample_cli_runs_a_fresh_run_folder(tmp_path):
     assert len(pngs) == 4
     sidecar = json.loads(pngs[0].with_suffix(".json").read_text())
     assert sidecar["backend"] == "gmm"
+
+
+def test_run_ids_are_unique_when_runs_start_together(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from training.distill.trainer import new_run_dir
+
+    with ThreadPoolExecutor(8) as pool:
+        folders = list(pool.map(lambda i: new_run_dir(tmp_path, f"run{i % 3}"), range(24)))
+    ids = sorted(int(f.name[:5]) for f in folders)
+    assert ids == list(range(1, 25)) and all(f.is_dir() for f in folders)

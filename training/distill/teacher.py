@@ -15,9 +15,8 @@ hashes everything they depend on; a second run (another learning rate, loss, ...
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from solvers.reference import solve_ode
 from solvers.registry import get_solver
 from solvers.schedules import ScheduleSpec, make_sigmas
+from solvers.table import atomic_write
 
 __all__ = ["teacher_grid", "teacher_states", "TeacherCache"]
 
@@ -92,7 +92,7 @@ class TeacherCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         info = self.folder / "key.json"
         if not info.exists():
-            info.write_text(json.dumps(key, indent=1, sort_keys=True, default=str))
+            atomic_write(info, json.dumps(key, indent=1, sort_keys=True, default=str).encode())
         self.hits = 0
         self.misses = 0
 
@@ -119,12 +119,6 @@ class TeacherCache:
         return saved["states"]
 
     def put(self, ids: torch.Tensor, states: torch.Tensor) -> None:
-        path = self._path(ids)
-        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".tmp-", suffix=".pt")
-        os.close(fd)
-        try:
-            torch.save({"ids": ids.clone(), "states": states.detach().cpu()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        buffer = io.BytesIO()
+        torch.save({"ids": ids.clone(), "states": states.detach().cpu()}, buffer)
+        atomic_write(self._path(ids), buffer.getvalue())

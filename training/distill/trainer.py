@@ -24,11 +24,12 @@ run resumes from it and ends with the same table), ``table.pkl``/``table.json`` 
 
 from __future__ import annotations
 
+import fcntl
+import io
 import json
 import math
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 from solvers.core import repeat_condition, seeded_noise
 from solvers.epd import epd_sampler_step
 from solvers.schedules import ScheduleSpec, make_sigmas
-from solvers.table import PredictorTable, load_table, save_table
+from solvers.table import PredictorTable, atomic_write, load_table, save_table
 
 from .config import PIXEL_DATASETS, load_config
 from .params import TableParameters
@@ -65,29 +66,24 @@ def new_run_dir(outdir: str | Path, name: str) -> Path:
     """``<outdir>/<id:05d>-<name>`` with the next free id (the authors' numbering)."""
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    ids = [int(m.group(1)) for p in outdir.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
-    path = outdir / f"{max(ids, default=0) + 1:05d}-{safe}"
-    path.mkdir()
+    # Runs starting together (a sweep, several shells) must not take the same id: list and claim under a lock.
+    with open(outdir / ".run-ids.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ids = [int(m.group(1)) for p in outdir.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
+        path = outdir / f"{max(ids, default=0) + 1:05d}-{safe}"
+        path.mkdir()
     return path
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, buffer.getvalue())
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, text.encode())
 
 
 @dataclass
