@@ -415,3 +415,19 @@ def test_run_ids_are_unique_when_runs_start_together(tmp_path):
         folders = list(pool.map(lambda i: new_run_dir(tmp_path, f"run{i % 3}"), range(24)))
     ids = sorted(int(f.name[:5]) for f in folders)
     assert ids == list(range(1, 25)) and all(f.is_dir() for f in folders)
+
+
+def test_gpu_smoke_script_runs_a_diffusers_unet_on_cpu(tmp_path):
+    """The SD1.5 smoke script (run on the GPU machine at full size) trains through a diffusers UNet: here a
+    tiny one on CPU, one setting, one timed iteration."""
+    out = tmp_path / "smoke.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "distill_smoke_sd15.py"), "--tiny", "--device", "cpu",
+                           "--iterations", "1", "--settings", "N4-bptt-b2", "--json", str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    row = report["settings"]["N4-bptt-b2"]
+    assert report["latent_shape"] == [4, 8, 8] and report["unet_parameters"] > 0
+    assert row["seconds_per_iteration"] > 0 and math.isfinite(row["loss"]) and row["optimizer_steps_per_iteration"] == 3
+    assert row["positions_row0"] != pytest.approx([0.335, 0.665], abs=1e-6)   # the table moved
