@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import sys
 import time
@@ -51,13 +52,14 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .core import EvalCounter, seeded_noise
 from .epd import sample_epd
 from .reference import reference_solution
 from .registry import get_solver, steps_for_nfe
 from .schedules import ScheduleSpec, default_rho, make_sigmas
-from .table import load_table
+from .table import atomic_write, load_table
 
 __all__ = ["frechet_distance", "run_benchmark", "best_rows", "summarize", "markdown", "plot", "main"]
 
@@ -98,11 +100,11 @@ def _reference(model: Any, noise: torch.Tensor, sigma_max: float, ends: list[flo
         saved = torch.load(path, weights_only=True)
         return {float(k): v for k, v in saved["states"].items()}, json.loads(saved["report"])
     report = reference_solution(model, noise.double() * sigma_max, sigma_max, ends, rtol=rtol)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"states": {str(k): v for k, v in report.states.items()}, "report": json.dumps(report.as_dict())}, tmp)
-        tmp.replace(path)
+    if path is not None:  # atomic: two benchmarks filling the cache at once never see half a file
+        buffer = io.BytesIO()
+        torch.save({"states": {str(k): v for k, v in report.states.items()}, "report": json.dumps(report.as_dict())},
+                   buffer)
+        atomic_write(path, buffer.getvalue())
     return report.states, report.as_dict()
 
 
@@ -197,27 +199,20 @@ def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samp
                 "sequential_evals": seq, "total_evals": tot, "seconds": round(seconds, 3)}
 
     results = []
-    try:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(jobs) + len(loaded), disable=not progress, desc=f"bench {model_name}")
-    except ImportError:  # pragma: no cover
-        bar = None
+    bar = tqdm(total=len(jobs) + len(loaded), disable=not progress, desc=f"bench {model_name}")
     for job in jobs:
         solver = get_solver(job.solver)
         row = measure(lambda den, z: solver(den, z * job.sigmas[0], job.sigmas, afs=job.afs), float(job.sigmas[-1]))
         results.append({"solver": job.solver, "nfe": row["sequential_evals"], "afs": job.afs, "steps": job.steps,
                         "schedule": _schedule_label(job.schedule), "best": False, **row})
-        if bar is not None:
-            bar.update()
+        bar.update()
     for name, table in loaded.items():
         row = measure(lambda den, z: sample_epd(den, z * float(table.sigmas[0]), table), float(table.sigmas[-1]))
         results.append({"solver": name, "nfe": row["sequential_evals"], "afs": table.afs,
                         "steps": table.num_steps - 1, "schedule": _schedule_label(table.schedule), "best": False,
                         "table": table.source, **row})
-        if bar is not None:
-            bar.update()
-    if bar is not None:
-        bar.close()
+        bar.update()
+    bar.close()
     for row in best_rows(results):
         row["best"] = True
     return {"model": model_name, "num_samples": num_samples, "seed": seed,

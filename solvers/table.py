@@ -28,8 +28,8 @@ import numpy as np
 from .official import OfficialSnapshot, UnsafePickleError, read_official
 from .schedules import ScheduleSpec, default_rho, discrete_sigmas, flowmatch_sigmas, make_sigmas
 
-__all__ = ["PredictorTable", "TableError", "UnsafePickleError", "load_table", "save_table", "uniform_table", "atomic_write",
-           "table_from_official", "FORMAT"]
+__all__ = ["PredictorTable", "TableError", "UnsafePickleError", "load_table", "save_table", "uniform_table",
+           "atomic_write", "table_from_official", "FORMAT"]
 
 FORMAT = "epd-solver/predictor-table"
 VERSION = 1

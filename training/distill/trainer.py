@@ -47,6 +47,8 @@ from solvers.epd import epd_sampler_step
 from solvers.schedules import ScheduleSpec, make_sigmas
 from solvers.table import PredictorTable, atomic_write, load_table, save_table
 
+from training import features as feature_losses
+
 from .config import PIXEL_DATASETS, load_config
 from .params import TableParameters
 from .teacher import TeacherCache, teacher_states
@@ -139,6 +141,7 @@ class Distiller:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 self.optimizer, T_max=int(float(config.total_kimg) * 1000) // batch + 1, eta_min=float(optim.eta_min))
         self.loss_steps = self._loss_steps()
+        self.data_loss = feature_losses.DataSpaceLoss()
         self.feature_loss = self._feature_loss()
         self.prompts = self._prompts()
         self.cache = self._cache()
@@ -190,12 +193,10 @@ class Distiller:
         loss = self.config.loss
         if loss.features == "data":
             return None
-        from training.features import make_feature_loss
-
         if not loss.features_path:
             raise ValueError(f"loss.features={loss.features} needs loss.features_path: a local weights file "
                              "(nothing is downloaded); or use loss.features=data")
-        return make_feature_loss(loss.features, loss.features_path, device=self.device)
+        return feature_losses.make_feature_loss(loss.features, loss.features_path, device=self.device)
 
     def _prompts(self) -> list[str] | None:
         cond = self.config.conditions
@@ -270,7 +271,7 @@ class Distiller:
     # -- loss --------------------------------------------------------------------------------------------------
     def _step_loss(self, student: torch.Tensor, target: torch.Tensor, last: bool) -> torch.Tensor:
         """Per-sample loss ``[b]`` of one step (module docstring)."""
-        data = (student - target).pow(2).flatten(1).mean(1)
+        data = self.data_loss(student, target)
         if not last or self.feature_loss is None:
             return data
         decode = getattr(self.backend, "decode", None)
@@ -422,10 +423,10 @@ class Distiller:
         return eval_count("epd", self.sigmas, afs=bool(self.config.student.afs),
                           num_points=int(self.config.student.num_points))
 
-    def table(self, **metadata: Any) -> PredictorTable:
+    def table(self, seconds: float | None = None, final_loss: float | None = None) -> PredictorTable:
         student = self.config.student
         return self.params.to_table(self.sigmas, solver=student.solver, afs=bool(student.afs), fcn=bool(student.fcn),
-                                    max_order=int(student.max_order), metadata={**self.metadata(), **metadata})
+                                    max_order=int(student.max_order), metadata=self.metadata(seconds, final_loss))
 
     # -- main loop ------------------------------------------------------------------------------------------
     def run(self) -> PredictorTable:
@@ -453,15 +454,12 @@ class Distiller:
                 bar.close()
                 return self.table()
         bar.close()
-        seconds = time.perf_counter() - start
-        final_loss = record.get("loss")
-        table = self.table(**{"training": {**self.metadata(seconds, final_loss)["training"]}})
+        table = self.table(time.perf_counter() - start, record.get("loss"))
         if self.rank == 0:
             save_table(table, self.run_dir / "table.pkl")
             save_table(table, self.run_dir / "table.json")
             if self.config.export:
-                Path(self.config.export).parent.mkdir(parents=True, exist_ok=True)
-                save_table(table, self.config.export)
+                save_table(table, self.config.export)  # atomic_write creates the folder
             from .plot import plot_run
 
             plot_run(self.run_dir)
