@@ -1,13 +1,18 @@
-"""Sample images with an EPD predictor table (or a baseline solver) on any available backend.
+"""Sample images with an EPD predictor table (or a baseline solver) on any backend.
 
-    python sample.py --predictor_path exps/digits/uniform-start-nfe9.pkl --seeds 0-63 --grid --outdir samples/digits
+    python sample.py --predictor_path exps/digits/epd-nfe9.pkl --seeds 0-63 --grid --outdir samples/digits
     python sample.py --backend digits --solver ipndm --steps 9 --seeds 0-63 --grid
+    python sample.py --predictor_path sd15-best.pkl --model_path weights/stable-diffusion-v1-5 \
+        --prompt-file src/prompts/eval.txt --seeds 0-99 --batch 16
+    torchrun --nproc_per_node=4 sample.py --predictor_path sd3-1024-best.pkl --model_path weights/sd3-medium ...
 
-Flag names follow the authors' ``sample.py``. Each image is written as ``<seed>.png`` (in per-1000 sub-folders
-unless ``--no-subdirs``) with a JSON sidecar (seed, prompt, solver, table, NFE both ways, backend); images already
-on disk are skipped, so an interrupted run resumes. Prompts pair with seeds by position in the seed list,
-cycling through the prompt list (the same rule in every sampling script). The same seed gives the same image
-whatever the batch size.
+Flag names follow the authors' ``sample.py``. The backend is the table's (``--backend`` may only restate it;
+with ``--solver`` it chooses). Each image is written as ``<seed>.png`` (in per-1000 sub-folders unless
+``--no-subdirs``) with a JSON sidecar (seed, prompt, solver, table, NFE both ways, backend); images already on
+disk are skipped, so an interrupted run resumes. Prompts pair with seeds by position in the seed list, cycling
+through the prompt list (the same rule in sample_sd3.py and sample_flux.py). The same seed gives the same image
+whatever the batch size or number of processes: each seed has its own noise generator, and under torchrun the
+seeds are dealt round-robin to the ranks.
 """
 
 from __future__ import annotations
@@ -28,14 +33,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from backends import load_backend
+from backends import ANALYTIC_MODELS, canonical_backend, load_backend, options_from_table
 from solvers.core import seeded_noise
 from solvers.epd import sample_epd
 from solvers.registry import eval_count, get_solver
-from solvers.schedules import ScheduleSpec, default_rho, make_sigmas
+from solvers.schedules import SCHEDULES, ScheduleSpec, default_rho, make_sigmas
 from solvers.table import PredictorTable, TableError, UnsafePickleError, load_table
 
-__all__ = ["parse_seeds", "resolve_predictor_path", "read_prompts", "main"]
+__all__ = ["parse_seeds", "resolve_predictor_path", "read_prompts", "build_parser", "backend_script_parser", "main"]
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -61,15 +66,20 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def resolve_predictor_path(value: str, root: Path = Path("exps")) -> Path:
-    """A file, a run folder (newest table inside), or a numeric run id (``exps/{id:05d}-*``)."""
+    """A file, a run folder (newest table inside), or a numeric run id: ``exps/{id:05d}-*`` or, for runs kept
+    per model, ``exps/<model>/{id:05d}-*`` (an id found under several models is ambiguous and an error)."""
     path = Path(value)
     if path.is_file():
         return path
     if value.isdigit():
-        runs = sorted(root.glob(f"{int(value):05d}-*"))
+        runs = sorted({*root.glob(f"{int(value):05d}-*"), *root.glob(f"*/{int(value):05d}-*")})
+        runs = [r for r in runs if r.is_dir()]
         if not runs:
-            raise FileNotFoundError(f"no run folder {root}/{int(value):05d}-* for predictor id {value}")
-        path = runs[-1]
+            raise FileNotFoundError(f"no run folder {root}/{int(value):05d}-* or {root}/*/{int(value):05d}-* for "
+                                    f"predictor id {value}")
+        if len(runs) > 1:
+            raise ValueError(f"predictor id {value} is ambiguous: {', '.join(map(str, runs))}; give the folder")
+        path = runs[0]
     if path.is_dir():
         # Tables are .pkl files (ours or the authors' snapshots) or .json files named *table*.
         candidates = [*path.rglob("*.pkl"), *(p for p in path.rglob("*.json") if "table" in p.name)]
@@ -81,7 +91,8 @@ def resolve_predictor_path(value: str, root: Path = Path("exps")) -> Path:
 
 
 def read_prompts(path: Path) -> list[str]:
-    """Lines of a .txt file, or the first of the columns text/prompt/caption of a .csv file."""
+    """Lines of a .txt file (blank lines skipped), or the first of the columns text/prompt/caption of a .csv file
+    (the MS-COCO caption CSVs the authors use have ``text``)."""
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     if path.suffix.lower() == ".csv":
@@ -139,63 +150,153 @@ def make_grid(images: list[np.ndarray], pad: int = 2) -> np.ndarray:
     return grid
 
 
-def _backend_from(args: argparse.Namespace, table: PredictorTable | None) -> tuple[Any, str, dict]:
-    meta = table.metadata if table is not None else {}
-    name = args.backend or meta.get("backend") or "digits"
-    # The table's backend_config only applies to the table's own backend, not to an override.
-    config = dict(meta.get("backend_config") or {}) if name == meta.get("backend") else {}
-    if args.backend_config:
-        try:
-            config.update(json.loads(args.backend_config))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"--backend-config is not valid JSON: {err}") from None
-    if args.model_path:
-        raise ValueError(f"--model_path was given, but backend {name!r} takes no weights; the SD1.5/SD3/FLUX "
-                         "backends are not part of this build yet")
-    if name == "analytic" and "guidance" not in config and meta.get("guidance_rate") is not None:
-        config["guidance"] = float(meta["guidance_rate"])
-    return load_backend(name, **config), name, config
+def str2bool(value: str) -> bool:
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {value!r}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--predictor_path", help="table file, run folder, or numeric run id in ./exps")
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
+    parser.add_argument("--predictor_path", "--predictor", dest="predictor_path",
+                        help="table file, run folder, or numeric run id in ./exps")
     parser.add_argument("--solver", help="run a baseline solver instead of a table (e.g. dpmpp2m, ipndm, euler)")
     parser.add_argument("--steps", type=int, help="baseline solver steps (grid of steps+1 points)")
-    parser.add_argument("--schedule", default="polynomial", choices=["polynomial", "logsnr", "time_uniform"],
-                        help="baseline grid (tables always use their own)")
-    parser.add_argument("--rho", type=float, help="baseline grid rho (default 7 for polynomial, 1 for time_uniform)")
-    parser.add_argument("--model_path", help="backbone weights (not used by the analytic backends)")
-    parser.add_argument("--backend", help="override the table's backend: digits, gmm")
+    parser.add_argument("--schedule", default="default", choices=("default",) + SCHEDULES,
+                        help="baseline grid; default: the backend's own (tables always use theirs)")
+    parser.add_argument("--rho", type=float, help="baseline grid rho (default 7 for polynomial, else 1)")
+    parser.add_argument("--grid-variant", default="correct", choices=("correct", "official"),
+                        help="baseline grid: correct, or the authors' (spec 9.7-9.9)")
+    parser.add_argument("--model_path", "--model-id", "--model_id", dest="model_path",
+                        help="local diffusers folder (SD1.5 also a .ckpt/.safetensors), or a repo id already in "
+                             "the local Hugging Face cache; default $SD15_MODEL_PATH / $SD3_MODEL_PATH / "
+                             "$FLUX_MODEL_PATH, then the table's model id")
+    parser.add_argument("--backend", help="ldm (sd15), sd3, flux, digits, gmm: with --solver it chooses; with a "
+                                          "table it must match the table's")
     parser.add_argument("--backend-config", help="JSON object merged over the table's backend_config")
-    parser.add_argument("--batch", type=int, default=64, help="maximum batch size")
+    parser.add_argument("--resolution", type=int, help="image size in pixels (SD3: 512 or 1024; a table's must match)")
+    parser.add_argument("--use_fp16", nargs="?", const=True, default=None, type=str2bool,
+                        help="backbone in half precision (fp16; bf16 for FLUX) or, with False, float32; default: "
+                             "half on CUDA, float32 on CPU. The ODE state is float32 either way")
+    parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available; LOCAL_RANK under torchrun)")
+    parser.add_argument("--batch", type=int, default=64, help="maximum images per batch (per process)")
+    parser.add_argument("--max-batch", type=int, help="maximum rows per network call (CFG and the K parallel EPD "
+                                                      "points multiply rows; larger calls are split)")
     parser.add_argument("--seeds", default="0-63", help="e.g. 0-19,25,30-31")
     parser.add_argument("--prompt", help="one prompt for every image (analytic models: a digit, or '' for any)")
-    parser.add_argument("--prompt-file", type=Path, help=".txt (one per line) or .csv with a 'text' column")
+    parser.add_argument("--prompt-file", type=Path, help=".txt (one per line) or .csv with a text/prompt/caption column")
     parser.add_argument("--outdir", type=Path, help="default: samples/<backend>/<solver>_nfe<N>")
-    parser.add_argument("--grid", action="store_true", help="also write grid.png of all requested seeds")
+    parser.add_argument("--grid", action="store_true", help="also write grid.png of the first 256 seeds")
     parser.add_argument("--subdirs", action=argparse.BooleanOptionalAction, default=True,
                         help="per-1000-seed sub-folders (default on; --no-subdirs to turn off)")
     parser.add_argument("--upscale", type=int, default=0, help="nearest-neighbour upscale for saving (0: auto)")
-    args = parser.parse_args(argv)
+    return parser
 
+
+def backend_script_parser(doc: str, backend: str, seeds: str, batch: int, outdir: str) -> argparse.ArgumentParser:
+    """The parser of a per-backend script (``sample_sd3.py``, ``sample_flux.py``): the same flags with that
+    script's defaults, plus the authors' ``--max-batch-size`` spelling of ``--batch``."""
+    parser = build_parser(doc.split("\n\n")[0])
+    parser.add_argument("--max-batch-size", dest="batch", type=int, help="images per batch (alias of --batch)")
+    parser.set_defaults(backend=backend, seeds=seeds, batch=batch, outdir=Path(outdir))
+    return parser
+
+
+def _backend_from(args: argparse.Namespace, table: PredictorTable | None, device: torch.device | None) -> tuple[Any, str, dict]:
+    meta = table.metadata if table is not None else {}
+    table_backend = canonical_backend(meta["backend"]) if meta.get("backend") else None
+    name = canonical_backend(args.backend) if args.backend else (table_backend or "digits")
+    if table_backend and name != table_backend:
+        raise ValueError(f"the table was fitted for the {table_backend!r} backend (its grid and positions belong to "
+                         f"that model); --backend {args.backend!r} does not match")
+    config = options_from_table(name, meta.get("backend_config"), meta.get("guidance_rate")) if table_backend else {}
+    if args.backend_config:
+        try:
+            override = json.loads(args.backend_config)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--backend-config is not valid JSON: {err}") from None
+        if not isinstance(override, dict):
+            raise ValueError("--backend-config must be a JSON object")
+        resolution = config.get("resolution")
+        if table_backend and resolution and override.get("resolution", resolution) != resolution:
+            raise ValueError(f"the table was fitted at resolution {resolution}; --backend-config asks for "
+                             f"{override['resolution']}")
+        config.update(override)
+    if args.resolution:
+        resolution = config.get("resolution")
+        if table_backend and resolution and resolution != args.resolution:
+            raise ValueError(f"the table was fitted at resolution {resolution}; --resolution {args.resolution} "
+                             "does not match")
+        config["resolution"] = args.resolution
+    if name in ANALYTIC_MODELS or name == "analytic":
+        if args.resolution:
+            raise ValueError(f"backend {name!r} has a fixed 8x8 size; --resolution does not apply")
+        if args.model_path:
+            raise ValueError(f"--model_path was given, but backend {name!r} is an exact analytic model and takes no "
+                             "weights")
+        config.pop("dtype", None)
+    else:
+        if args.model_path:
+            config["model_path"] = args.model_path
+        if args.use_fp16 is not None:
+            config["dtype"] = ("bfloat16" if name == "flux" else "float16") if args.use_fp16 else "float32"
+        if device is not None:
+            config["device"] = str(device)
+        if args.max_batch:
+            config["max_batch"] = args.max_batch
+    return load_backend(name, **config), name, config
+
+
+def _distributed() -> tuple[int, int, torch.device | None]:
+    """(rank, world size, device) under torchrun; (0, 1, None) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
+    rank, world, device = _distributed()
+    if args.device:
+        device = torch.device(args.device)
     try:
         seeds = parse_seeds(args.seeds)
         if bool(args.predictor_path) == bool(args.solver):
             raise ValueError("give either --predictor_path (EPD table) or --solver with --steps (baseline)")
-        table = load_table(resolve_predictor_path(args.predictor_path)) if args.predictor_path else None
-        backend, backend_name, backend_config = _backend_from(args, table)
+        if args.batch < 1:
+            raise ValueError("--batch must be >= 1")
         if args.prompt is not None and args.prompt_file is not None:
             raise ValueError("give --prompt or --prompt-file, not both")
         prompts = [args.prompt] if args.prompt is not None else (read_prompts(args.prompt_file) if args.prompt_file else [""])
+        table = load_table(resolve_predictor_path(args.predictor_path)) if args.predictor_path else None
         if table is None:
             if not args.steps or args.steps < 1:
                 raise ValueError("--solver needs --steps >= 1")
             solver = get_solver(args.solver)
-            spec = ScheduleSpec(kind=args.schedule, num_steps=args.steps + 1, sigma_min=backend.sigma_min,
-                                sigma_max=backend.sigma_max,
-                                rho=args.rho if args.rho is not None else default_rho(args.schedule))
-            sigmas = make_sigmas(spec).numpy()
+        backend, backend_name, backend_config = _backend_from(args, table, device)
+        if table is None:
+            spec = _baseline_schedule(args, backend)
+            sigmas = make_sigmas(spec, alphas_cumprod=getattr(backend, "alphas_cumprod", None)).numpy()
             solver_label = solver.name
         else:
             sigmas = table.sigmas
@@ -206,55 +307,84 @@ def main(argv: list[str] | None = None) -> int:
 
     flow = getattr(backend, "family", "ve") == "flow"
     dtype = getattr(backend, "state_dtype", torch.float32)
+    place = getattr(backend, "device", torch.device("cpu"))
 
-    def run(denoiser: Any, noise: torch.Tensor, cond: Any) -> torch.Tensor:
+    def run(noise: torch.Tensor, cond: Any) -> torch.Tensor:
         x = noise * float(sigmas[0])
         if table is not None:
-            return sample_epd(denoiser, x, table, cond, flow=flow)
-        return solver(denoiser, x, sigmas, cond, flow=flow)
+            return sample_epd(backend, x, table, cond, flow=flow)
+        return solver(backend, x, sigmas, cond, flow=flow)
 
     nfe = table.eval_count() if table is not None else eval_count(solver.name, sigmas)
+    cfg_rows = 2 if getattr(backend, "guided", False) else 1
     outdir = args.outdir or Path("samples") / backend_name / f"{solver_label}_nfe{nfe.sequential}"
-    upscale = args.upscale or max(1, 64 // backend.shape[-1])
 
     def image_path(seed: int) -> Path:
         folder = outdir / f"{seed - seed % 1000:06d}" if args.subdirs else outdir
         return folder / f"{seed:06d}.png"
 
-    todo = [(i, s) for i, s in enumerate(seeds) if not (image_path(s).is_file() and image_path(s).with_suffix(".json").is_file())]
-    print(f"{solver_label} on {getattr(backend, 'name', backend_name)}: {len(sigmas) - 1} steps, NFE {nfe.sequential} sequential "
-          f"(the papers' parallel NFE), {nfe.total} total per image; {len(seeds) - len(todo)} of {len(seeds)} "
-          f"images already in {outdir}")
+    # Deal seeds to ranks before skipping finished ones, so a resumed run keeps the same assignment.
+    mine = [(i, s) for i, s in enumerate(seeds) if i % world == rank]
+    todo = [(i, s) for i, s in mine if not (image_path(s).is_file() and image_path(s).with_suffix(".json").is_file())]
+    if rank == 0:
+        share = f" (rank 0's share; {world} processes)" if world > 1 else ""
+        print(f"{solver_label} on {getattr(backend, 'name', backend_name)}: {len(sigmas) - 1} steps, NFE "
+              f"{nfe.sequential} sequential (the papers' parallel NFE), {nfe.total} total per image"
+              f"{' (each a CFG batch of 2)' if cfg_rows == 2 else ''}; {len(mine) - len(todo)} of {len(mine)} "
+              f"images already in {outdir}{share}")
     table_info = None if table is None else {"path": table.source, "name": table.metadata.get("name"),
                                               "source": table.metadata.get("source")}
+    saved_config = {k: v for k, v in backend_config.items() if k not in ("device",)}
     start = time.perf_counter()
-    with tqdm(total=len(todo), desc="sampling", unit="img") as bar:
-        for lo in range(0, len(todo), max(1, args.batch)):
+    with tqdm(total=len(todo), desc="sampling", unit="img", disable=rank != 0) as bar:
+        for lo in range(0, len(todo), args.batch):
             chunk = todo[lo: lo + args.batch]
             batch_seeds = [s for _, s in chunk]
             batch_prompts = [prompts[i % len(prompts)] for i, _ in chunk]
-            noise = seeded_noise(batch_seeds, backend.shape, dtype)
+            noise = seeded_noise(batch_seeds, tuple(backend.shape), dtype, device=place)
             with torch.no_grad():
-                images = to_uint8(backend.decode(run(backend, noise, backend.encode_prompts(batch_prompts))))
+                images = to_uint8(backend.decode(run(noise, backend.encode_prompts(batch_prompts))))
+            upscale = args.upscale or max(1, 64 // images.shape[2])
             for seed, prompt, array in zip(batch_seeds, batch_prompts, images):
                 path = image_path(seed)
                 _atomic_bytes(path, lambda tmp, a=array: _pil(a, upscale).save(tmp, format="PNG"))
                 sidecar = {"seed": seed, "prompt": prompt, "solver": solver_label, "table": table_info,
-                           "nfe": {"sequential": nfe.sequential, "total": nfe.total},
+                           "nfe": {"sequential": nfe.sequential, "total": nfe.total,
+                                   "network_rows_per_evaluation": cfg_rows},
                            "sigmas": [float(s) for s in sigmas], "backend": backend_name,
-                           "backend_config": backend_config}
+                           "backend_config": saved_config, "guidance": getattr(backend, "guidance", None)}
                 _atomic_bytes(path.with_suffix(".json"),
-                              lambda tmp, d=sidecar: Path(tmp).write_text(json.dumps(d, indent=1)))
+                              lambda tmp, d=sidecar: Path(tmp).write_text(json.dumps(d, indent=1, default=str)))
             bar.update(len(chunk))
     elapsed = time.perf_counter() - start
-    if args.grid:
-        arrays = [np.asarray(Image.open(image_path(s))) for s in seeds]
+    _barrier(world)
+    if args.grid and rank == 0:
+        arrays = [np.asarray(Image.open(image_path(s))) for s in seeds[:256]]
         arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
         grid_path = outdir / "grid.png"
         _atomic_bytes(grid_path, lambda tmp: _pil(make_grid(arrays), 1).save(tmp, format="PNG"))
         print(f"grid: {grid_path}")
-    print(f"sampled {len(todo)} images in {elapsed:.2f} s; images in {outdir}/")
+    print(f"{f'rank {rank}: ' if world > 1 else ''}sampled {len(todo)} images in {elapsed:.2f} s; images in {outdir}/")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
+
+
+def _baseline_schedule(args: argparse.Namespace, backend: Any) -> ScheduleSpec:
+    """The baseline's grid: the backend's default kind (discrete for SD1.5, flowmatch for SD3/FLUX) unless
+    ``--schedule`` names one."""
+    num_steps = args.steps + 1
+    if args.schedule == "default" and hasattr(backend, "default_schedule"):
+        return backend.default_schedule(num_steps, args.grid_variant)
+    kind = "polynomial" if args.schedule == "default" else args.schedule
+    if kind == "flowmatch":
+        if getattr(backend, "family", "ve") != "flow":
+            raise ValueError("--schedule flowmatch needs a flow-matching backend (sd3, flux)")
+        return backend.default_schedule(num_steps, args.grid_variant)
+    return ScheduleSpec(kind=kind, num_steps=num_steps, sigma_min=backend.sigma_min, sigma_max=backend.sigma_max,
+                        rho=args.rho if args.rho is not None else default_rho(kind), variant=args.grid_variant)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 ``sample_x(denoiser, x, sigmas, cond=None, *, afs=False, flow=False, callback=None, disable=True) -> x``.
 
 ``sigmas`` is the full grid (it may end in 0); ``x`` the initial state ``noise * sigmas[0]``. All solvers
-work in VE coordinates with ``d = (x - D)/sigma`` and log-SNR ``lambda = -log sigma``, which makes the
-DPM-Solver++/UniPC updates the VP ones with alpha = 1. ``afs=True`` replaces the first denoiser evaluation
-by the analytic estimate (spec 1.3), saving one evaluation.
+use ``d = (x - D)/sigma``, the ODE direction in VE coordinates and, for flow-matching states
+``x = (1 - sigma) x0 + sigma eps``, the velocity. The exponential integrators (DPM-Solver++, UniPC) are the VP
+updates with ``alpha = 1`` (VE) or ``alpha = 1 - sigma`` (``flow=True``, as diffusers' flow-sigma schedulers),
+``lambda = log(alpha / sigma)``. ``afs=True`` replaces the first denoiser evaluation by the analytic estimate
+(spec 1.3), saving one evaluation.
 """
 
 from __future__ import annotations
@@ -127,8 +129,20 @@ def sample_ipndm(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
     return x
 
 
-def _lambda(sigma: torch.Tensor) -> torch.Tensor:
-    return -torch.log(sigma)
+def _lambda(sigma: torch.Tensor, flow: bool = False) -> torch.Tensor:
+    """Half log-SNR ``log(alpha / sigma)``: ``alpha = 1`` for VE states, ``alpha = 1 - sigma`` for flow matching."""
+    return torch.log(_alpha(sigma, flow) / sigma)
+
+
+def _alpha(sigma: torch.Tensor, flow: bool) -> torch.Tensor:
+    return 1 - sigma if flow else torch.ones_like(sigma)
+
+
+def _history_start(sigmas: torch.Tensor, flow: bool) -> int:
+    """Index of the first grid point whose output may serve as history of a multistep method: a flow grid
+    starting at sigma = 1 has lambda = -inf there, where the output carries no weight (h = inf) and would only
+    turn finite-difference coefficients into inf/inf."""
+    return int(not bool(torch.isfinite(_lambda(sigmas[0], flow))))
 
 
 def _order_cap(num_steps: int, order: int, lower_order_final: bool, i: int, sigma_next: torch.Tensor) -> int:
@@ -146,9 +160,9 @@ def sample_dpmpp(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
     """Multistep DPM-Solver++ (Lu et al. 2022, data prediction; 2M with the "midpoint" form, 3M).
 
     With ``h = lambda_n - lambda_c``, ``r_0 = h_0/h``, ``r_1 = h_1/h`` and the last three outputs m0, m1, m2:
-      1st: ``x_n = (t_n/t_c) x - expm1(-h) m0``
-      2M:  ``... - expm1(-h) m0 - 0.5 expm1(-h) D1``,  ``D1 = (m0 - m1)/r0``
-      3M:  ``... - expm1(-h) m0 + (expm1(-h)/h + 1) D1 - ((expm1(-h) + h)/h^2 - 0.5) D2`` with
+      1st: ``x_n = (t_n/t_c) x - a_n expm1(-h) m0``     (``a_n`` = alpha at t_n: 1, or 1 - t_n for flow)
+      2M:  ``... - a_n expm1(-h) m0 - 0.5 a_n expm1(-h) D1``,  ``D1 = (m0 - m1)/r0``
+      3M:  ``... - a_n expm1(-h) m0 + a_n (expm1(-h)/h + 1) D1 - a_n ((expm1(-h) + h)/h^2 - 0.5) D2`` with
            ``D1 = D1_0 + r0/(r0+r1) (D1_0 - D1_1)``, ``D2 = (D1_0 - D1_1)/(r0 + r1)``.
     Warm-up uses lower orders; ``lower_order_final`` lowers the last steps' order when there are fewer than
     15 steps, and a step to sigma = 0 is always first order (as diffusers does). 1 evaluation per step.
@@ -159,26 +173,28 @@ def sample_dpmpp(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
     num_steps = len(sigmas) - 1
     evaluate = _Evaluator(denoiser, cond, afs, flow)
     outputs: list[torch.Tensor] = []
+    start = _history_start(sigmas, flow)
     for i in trange(num_steps, disable=disable, desc=f"dpmpp{order}m", leave=False):
         t_c, t_n = sigmas[i], sigmas[i + 1]
         denoised = evaluate(x, t_c)
         outputs = (outputs + [denoised])[-3:]
-        step_order = min(_order_cap(num_steps, order, lower_order_final, i, t_n), len(outputs))
-        h = _lambda(t_n) - _lambda(t_c)
+        step_order = min(_order_cap(num_steps, order, lower_order_final, i, t_n), len(outputs), max(1, i + 1 - start))
+        h = _lambda(t_n, flow) - _lambda(t_c, flow)
         phi = torch.expm1(-h)
-        x_next = (t_n / t_c) * x - phi * denoised
+        alpha_n = _alpha(t_n, flow)
+        x_next = (t_n / t_c) * x - alpha_n * phi * denoised
         if step_order >= 2:
-            h0 = _lambda(t_c) - _lambda(sigmas[i - 1])
+            h0 = _lambda(t_c, flow) - _lambda(sigmas[i - 1], flow)
             d1_0 = (outputs[-1] - outputs[-2]) / (h0 / h)
             if step_order == 2:
-                x_next = x_next - 0.5 * phi * d1_0
+                x_next = x_next - 0.5 * alpha_n * phi * d1_0
             else:
-                h1 = _lambda(sigmas[i - 1]) - _lambda(sigmas[i - 2])
+                h1 = _lambda(sigmas[i - 1], flow) - _lambda(sigmas[i - 2], flow)
                 r0, r1 = h0 / h, h1 / h
                 d1_1 = (outputs[-2] - outputs[-3]) / r1
                 d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
                 d2 = (d1_0 - d1_1) / (r0 + r1)
-                x_next = x_next + (phi / h + 1) * d1 - ((phi + h) / h ** 2 - 0.5) * d2
+                x_next = x_next + alpha_n * ((phi / h + 1) * d1 - ((phi + h) / h ** 2 - 0.5) * d2)
         x = x_next
         _report(callback, i, x, sigmas, denoised)
     return x
@@ -209,7 +225,7 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
     corrector UniC applied with each new evaluation (so it costs no extra evaluation; none after the last
     step). ``lower_order_final`` caps the order by the number of remaining steps. 1 evaluation per step.
 
-    Predictor: ``x_n = (t_n/t_c) x - expm1(-h) m0 - B(h) sum_k rho_k D_k``, ``D_k = (m_{-k} - m0)/r_k``;
+    Predictor: ``x_n = (t_n/t_c) x - a_n expm1(-h) m0 - a_n B(h) sum_k rho_k D_k``, ``D_k = (m_{-k} - m0)/r_k``;
     corrector: the same from the previous point, adding ``rho_last (m_new - m0)``.
     """
     if order < 1:
@@ -218,6 +234,7 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
     num_steps = len(sigmas) - 1
     evaluate = _Evaluator(denoiser, cond, afs, flow)
     outputs: list[torch.Tensor] = []     # data predictions at sigmas[i - len + 1 .. i]
+    start = _history_start(sigmas, flow)
     last_x: torch.Tensor | None = None
     last_order = 0
 
@@ -226,7 +243,7 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
         rks, diffs = [], []
         m0 = outputs[-1]
         for k in range(1, step_order):
-            rk = (_lambda(sigmas[i_base - k]) - _lambda(sigmas[i_base])) / h
+            rk = (_lambda(sigmas[i_base - k], flow) - _lambda(sigmas[i_base], flow)) / h
             rks.append(rk)
             diffs.append((outputs[-(k + 1)] - m0) / rk)
         return rks, diffs
@@ -236,7 +253,7 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
         if use_corrector and last_x is not None:
             # Corrector for the step sigmas[i-1] -> sigmas[i], using the fresh output at sigmas[i].
             t_prev, t_cur = sigmas[i - 1], sigmas[i]
-            h = _lambda(t_cur) - _lambda(t_prev)
+            h = _lambda(t_cur, flow) - _lambda(t_prev, flow)
             rks, diffs = differences(i - 1, last_order, h)
             m0 = outputs[-1]
             if last_order == 1:
@@ -245,16 +262,16 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
                 big_r, b = _unipc_coefficients(h, rks, last_order)
                 rhos = torch.linalg.solve(big_r, b)
             res = sum((rho * dk for rho, dk in zip(rhos[:-1], diffs)), torch.zeros_like(x))
-            b_h = torch.expm1(-h)
+            b_h = _alpha(t_cur, flow) * torch.expm1(-h)
             x = (t_cur / t_prev) * last_x - b_h * m0 - b_h * (res + rhos[-1] * (denoised - m0))
         outputs = (outputs + [denoised])[-order:]
         step_order = min(order, num_steps - i) if lower_order_final else order
-        step_order = min(step_order, len(outputs))
+        step_order = min(step_order, len(outputs), max(1, i + 1 - start))
         t_c, t_n = sigmas[i], sigmas[i + 1]
         if t_n == 0:
             step_order = 1  # h is infinite on a step to sigma = 0; only the first-order update is defined
-        h = _lambda(t_n) - _lambda(t_c)
-        b_h = torch.expm1(-h)
+        h = _lambda(t_n, flow) - _lambda(t_c, flow)
+        b_h = _alpha(t_n, flow) * torch.expm1(-h)
         x_next = (t_n / t_c) * x - b_h * denoised
         if step_order >= 2:
             rks, diffs = differences(i, step_order, h)

@@ -148,9 +148,25 @@ class VPDiscreteMap:
         return self._interp(log_alpha, self.log_alpha_keys[::-1], self.t_keys[::-1])
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
-        """Fractional training timestep for each sigma (torch in, torch out, same device)."""
-        t = self.sigma_inv(sigma.detach().double().cpu().numpy())
-        return torch.as_tensor(self.num_train_timesteps * t - 1.0, device=sigma.device)
+        """Fractional training timestep ``M sigma^{-1}(sigma) - 1`` for each sigma, in torch and differentiable
+        in ``sigma`` (the learned time scales reach a UNet's time input through it); float64 inside, result on
+        ``sigma``'s device in float64 (callers cast)."""
+        log_sigma = torch.log(torch.as_tensor(sigma).to(torch.float64))
+        log_alpha = -0.5 * torch.nn.functional.softplus(2.0 * log_sigma)
+        keys, t_keys = self._torch_keys(log_alpha.device)
+        # Segment index, clamped so that values outside the keys extrapolate with the end segments.
+        index = torch.searchsorted(keys, log_alpha.detach().contiguous()).clamp(1, keys.numel() - 1)
+        x0, x1, y0, y1 = keys[index - 1], keys[index], t_keys[index - 1], t_keys[index]
+        t = y0 + (log_alpha - x0) * (y1 - y0) / (x1 - x0)
+        return self.num_train_timesteps * t - 1.0
+
+    def _torch_keys(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log alpha keys increasing, matching t keys) on ``device``, made once per device."""
+        cache = self.__dict__.setdefault("_keys_on", {})
+        if device not in cache:
+            cache[device] = (torch.as_tensor(self.log_alpha_keys[::-1].copy(), device=device),
+                             torch.as_tensor(self.t_keys[::-1].copy(), device=device))
+        return cache[device]
 
     @property
     def sigma_min(self) -> float:

@@ -24,3 +24,18 @@ def digits():
     from backends.analytic import make_analytic
 
     return make_analytic("digits")
+
+
+# Nothing in the tests may reach the network (weights never download at run time).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """Tiny random-weight SD1.5 / SD3 / FLUX pipelines saved in diffusers format, once per session:
+    ``{"sd15": Path, "sd3": Path, "flux": Path}`` (load them through the real loading code)."""
+    from backends.random_init import save_random_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-pipelines")
+    return {model: save_random_pipeline(model, root / model, "tiny") for model in ("sd15", "sd3", "flux")}

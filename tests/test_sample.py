@@ -36,7 +36,7 @@ def test_demo_command_writes_images_sidecars_and_grid(tmp_path):
     pngs = sorted((out / "000000").glob("*.png"))
     assert [p.name for p in pngs] == [f"{s:06d}.png" for s in range(12)]
     meta = json.loads((out / "000000" / "000004.json").read_text())
-    assert meta["seed"] == 4 and meta["nfe"] == {"sequential": 9, "total": 14} and meta["solver"] == "epd"
+    assert meta["seed"] == 4 and meta["nfe"] == {"sequential": 9, "total": 14, "network_rows_per_evaluation": 1} and meta["solver"] == "epd"
     assert meta["table"]["path"].endswith("uniform-start-nfe9.pkl")
     assert Image.open(out / "grid.png").size[0] > 64 * 3
     assert Image.open(pngs[0]).size == (64, 64)
@@ -90,3 +90,29 @@ def test_numeric_ids_resolve_to_the_newest_table(tmp_path):
     assert sample.resolve_predictor_path("7", tmp_path) == run_dir / "table.pkl"
     with pytest.raises(FileNotFoundError):
         sample.resolve_predictor_path("8", tmp_path)
+    per_model = tmp_path / "gmm" / "00008-gmm-nfe5"
+    per_model.mkdir(parents=True)
+    (per_model / "table.pkl").write_bytes(START.read_bytes())
+    assert sample.resolve_predictor_path("8", tmp_path) == per_model / "table.pkl"
+    (tmp_path / "digits" / "00008-digits-nfe5").mkdir(parents=True)
+    with pytest.raises(ValueError, match="ambiguous"):
+        sample.resolve_predictor_path("8", tmp_path)
+
+
+def test_torchrun_splits_seeds_across_ranks_with_identical_images(tmp_path):
+    common = ["sample.py", "--predictor_path", str(START), "--seeds", "0-6", "--prompt-file",
+              str(ROOT / "src" / "prompts" / "digits.txt"), "--no-subdirs", "--batch", "2"]
+    single = subprocess.run([sys.executable, *common, "--outdir", str(tmp_path / "one")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            *common, "--outdir", str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert multi.returncode == 0, multi.stderr
+    assert "rank 0: sampled 4 images" in multi.stdout and "rank 1: sampled 3 images" in multi.stdout
+    for seed in range(7):
+        one = json.loads((tmp_path / "one" / f"{seed:06d}.json").read_text())
+        two = json.loads((tmp_path / "two" / f"{seed:06d}.json").read_text())
+        assert one["prompt"] == two["prompt"] == str(seed % 10)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / f"{seed:06d}.png")),
+                              np.asarray(Image.open(tmp_path / "two" / f"{seed:06d}.png")))

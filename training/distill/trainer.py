@@ -157,10 +157,12 @@ class Distiller:
         return torch.device("cpu")
 
     def _load_backend(self) -> Any:
-        from backends import load_backend
+        from backends import ANALYTIC_MODELS, canonical_backend, load_backend
 
         options = OmegaConf.to_container(self.config.backend, resolve=True)
         name = options.pop("name")
+        if canonical_backend(name) not in ANALYTIC_MODELS + ("analytic",):
+            options.setdefault("device", str(self.device))      # this rank's GPU under DDP
         if self.config.guidance.type in ("cfg", "classifier-free") and float(self.config.guidance.rate) != 1.0:
             options.setdefault("guidance", float(self.config.guidance.rate))
         return load_backend(name, **options)
@@ -172,10 +174,13 @@ class Distiller:
 
     def _grid(self) -> tuple[ScheduleSpec, torch.Tensor]:
         sched = self.config.schedule
+        shift, mu = sched.shift, sched.mu
+        if sched.kind == "flowmatch" and shift is None and mu is None and hasattr(self.backend, "flow_shift"):
+            shift, mu = self.backend.flow_shift()      # the model's own (static shift, or mu for its resolution)
         spec = ScheduleSpec(kind=sched.kind, num_steps=int(self.config.student.num_steps),
                             sigma_min=float(sched.sigma_min if sched.sigma_min is not None else self.backend.sigma_min),
                             sigma_max=float(sched.sigma_max if sched.sigma_max is not None else self.backend.sigma_max),
-                            rho=float(sched.rho), variant=sched.variant, shift=sched.shift, mu=sched.mu)
+                            rho=float(sched.rho), variant=sched.variant, shift=shift, mu=mu)
         sigmas = make_sigmas(spec, alphas_cumprod=getattr(self.backend, "alphas_cumprod", None)).double()
         if bool((sigmas <= 0).any()):
             raise ValueError("the student grid must end above sigma = 0 (EPD interpolates geometrically)")

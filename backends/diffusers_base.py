@@ -1,0 +1,284 @@
+"""What the diffusers-based backends (SD1.5, SD3, FLUX) share: local-only loading, prompt conditions,
+classifier-free guidance in one batched call, per-call batch limits, dtype handling and VAE decoding.
+
+A backend wraps a diffusers pipeline object (loaded from a local folder, or handed over by the user) and
+exposes the denoiser interface of ARCHITECTURE.md, ``backend(x, sigma, cond) -> x0_hat``, plus
+``encode_prompts``, ``decode`` and ``default_schedule``. Subclasses only say how their network's raw output
+becomes ``D`` (spec 5.1, 5.3, 5.4). dtype policy: the ODE state and ``D`` stay float32 (or whatever dtype the
+state has); only the network runs in the pipeline's dtype (fp16/bf16). The authors integrate SD3/FLUX states
+in fp16/bf16 (spec 1.4, 9.14); we do not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from solvers.schedules import ScheduleSpec
+
+__all__ = ["PromptCondition", "DiffusersBackend", "ModelNotFoundError", "resolve_model_path", "load_pipeline",
+           "resolve_dtype"]
+
+HOW_TO_GET = ("Weights are never downloaded at run time. Download the model once where you have network access, "
+              "e.g. `huggingface-cli download {repo} --local-dir DIR`, copy DIR here, and pass it as "
+              "--model_path DIR (or backend_config.model_path).")
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model folder or file is missing; the message names the path and how to provide it."""
+
+
+@dataclass(frozen=True)
+class PromptCondition:
+    """Encoded prompts, one row per image: text embeddings, optional pooled embeddings, and the same for the
+    negative (unconditional) prompt when classifier-free guidance is on. ``prompts`` keeps the raw text."""
+
+    embeds: torch.Tensor
+    pooled: torch.Tensor | None = None
+    neg_embeds: torch.Tensor | None = None
+    neg_pooled: torch.Tensor | None = None
+    prompts: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return self.embeds.shape[0]
+
+    @property
+    def has_negative(self) -> bool:
+        return self.neg_embeds is not None
+
+    def _map(self, tensor_fn: Any, prompt_fn: Any) -> "PromptCondition":
+        return replace(self, **{name: None if getattr(self, name) is None else tensor_fn(getattr(self, name))
+                                for name in ("embeds", "pooled", "neg_embeds", "neg_pooled")},
+                       prompts=tuple(prompt_fn(self.prompts)))
+
+    def repeat_interleave(self, repeats: int) -> "PromptCondition":
+        """Each row ``repeats`` times, in ``b * repeats + k`` order (the parallel EPD call's, spec 1.1, 9.1-9.2)."""
+        return self._map(lambda t: t.repeat_interleave(repeats, dim=0),
+                         lambda p: [q for q in p for _ in range(repeats)])
+
+    def select(self, rows: slice) -> "PromptCondition":
+        return self._map(lambda t: t[rows], lambda p: p[rows] if p else ())
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "PromptCondition":
+        return self._map(lambda t: t.to(device=device, dtype=dtype), lambda p: p)
+
+
+def resolve_dtype(value: str | torch.dtype | None, device: torch.device, accelerated: torch.dtype) -> torch.dtype:
+    """``auto``: ``accelerated`` (fp16/bf16) on CUDA, float32 elsewhere; else a torch dtype or its name."""
+    if isinstance(value, torch.dtype):
+        return value
+    if value in (None, "auto"):
+        return accelerated if device.type == "cuda" else torch.float32
+    names = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+    if value not in names:
+        raise ValueError(f"unknown dtype {value!r}; use auto, {', '.join(names)}")
+    return names[value]
+
+
+def resolve_model_path(path: str | os.PathLike | None, *, repo: str, env: str | None = None,
+                       default: str | None = None) -> Path:
+    """A local diffusers folder (with ``model_index.json``) or single file; never the network.
+
+    Precedence: ``path`` (the user's flag), then the environment variable ``env``, then ``default`` (e.g. the
+    model id recorded in a predictor table). A value may be a folder, a file, or a Hugging Face repo id that is
+    already in the local HF cache. Missing components of a folder are reported by name.
+    """
+    if path is None and env:
+        path = os.environ.get(env) or None
+    if path is None:
+        path = default
+    if path is None:
+        where = f" or set ${env}" if env else ""
+        raise ModelNotFoundError(f"no model path given for {repo}: pass --model_path DIR{where}. "
+                                 + HOW_TO_GET.format(repo=repo))
+    candidate = Path(path).expanduser()
+    if not candidate.exists():
+        cached = _hf_cache_snapshot(str(path))
+        if cached is None:
+            raise ModelNotFoundError(f"model path {candidate} does not exist (and {path!r} is not in the local "
+                                     f"Hugging Face cache). " + HOW_TO_GET.format(repo=repo))
+        candidate = cached
+    if candidate.is_dir():
+        index = candidate / "model_index.json"
+        if not index.is_file():
+            raise ModelNotFoundError(f"{candidate} is not a diffusers pipeline folder: {index} is missing. "
+                                     + HOW_TO_GET.format(repo=repo))
+        components = json.loads(index.read_text())
+        missing = [name for name, spec in components.items()
+                   if not name.startswith("_") and isinstance(spec, list) and spec[0] is not None
+                   and not (candidate / name).is_dir()]
+        if missing:
+            raise ModelNotFoundError(f"{candidate} lacks the component folder(s) {', '.join(missing)} listed in "
+                                     f"model_index.json. " + HOW_TO_GET.format(repo=repo))
+    return candidate
+
+
+def _hf_cache_snapshot(repo_id: str) -> Path | None:
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/", "~")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure means "not cached"
+        return None
+
+
+def load_pipeline(pipeline_cls: Any, path: Path, dtype: torch.dtype, **kwargs: Any) -> Any:
+    """``pipeline_cls.from_pretrained(path, local_files_only=True)`` with a readable error on failure."""
+    try:
+        return pipeline_cls.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"could not load {pipeline_cls.__name__} from {path}: {err}") from err
+
+
+def place_pipeline(pipe: Any, device: torch.device, offload: str) -> None:
+    """Move the pipeline to ``device``, or enable CPU offload (``model``: whole components, ``sequential``:
+    layer by layer; both keep the GPU memory low at a speed cost)."""
+    if offload in (None, "none", False):
+        pipe.to(device)
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    else:
+        raise ValueError(f"offload must be none, model or sequential (got {offload!r})")
+
+
+class DiffusersBackend:
+    """Base class of the text-to-image backends. Subclasses set ``name``, ``family``, ``network`` and implement
+    :meth:`_denoise` (one network call, no guidance), :meth:`_encode` and :meth:`default_schedule`.
+
+    ``guidance``: CFG scale (SD1.5/SD3: ``D = D_u + g (D_c - D_u)`` from one batched call over [uncond, cond];
+    as the map from the network output to D is affine in the output, guiding D is guiding eps or v).
+    ``max_batch``: the most rows one network call may take (CFG rows included, so with guidance a call holds
+    at least one [negative, positive] pair); larger batches, such as the B*K rows of a parallel EPD step, are
+    split into several calls instead of running out of memory.
+    """
+
+    name = "diffusers"
+    family = "ve"
+    uses_cfg = True
+    default_guidance = 1.0
+
+    def __init__(self, pipe: Any, *, guidance: float | None = None, resolution: int | None = None,
+                 max_batch: int | None = None, negative_prompt: str = "", state_dtype: torch.dtype = torch.float32):
+        self.pipe = pipe
+        self.guidance = float(self.default_guidance if guidance is None else guidance)
+        self.max_batch = None if not max_batch else int(max_batch)
+        if self.max_batch is not None and self.max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+        self.negative_prompt = negative_prompt
+        self.state_dtype = state_dtype
+        self.vae_scale_factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        self.resolution = int(resolution or self.default_resolution())
+        multiple = self.vae_scale_factor * self.latent_multiple
+        if self.resolution % multiple:
+            raise ValueError(f"{self.name}: resolution {self.resolution} must be a multiple of {multiple}")
+
+    # -- what subclasses provide ----------------------------------------------------------------------------
+    latent_multiple = 1
+
+    @property
+    def network(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def default_resolution(self) -> int:
+        raise NotImplementedError
+
+    def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor,
+                 pooled: torch.Tensor | None) -> torch.Tensor:
+        """``D(x, sigma)`` for one chunk, without guidance; ``x``/``sigma`` in the state dtype."""
+        raise NotImplementedError
+
+    def _encode(self, prompts: list[str], negative: list[str] | None) -> PromptCondition:
+        raise NotImplementedError
+
+    def default_schedule(self, num_steps: int, variant: str = "correct") -> ScheduleSpec:
+        raise NotImplementedError
+
+    # -- shared -----------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.pipe._execution_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.network.dtype
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.pipe.vae.config.latent_channels)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        size = self.resolution // self.vae_scale_factor
+        return (self.latent_channels, size, size)
+
+    @property
+    def guided(self) -> bool:
+        return self.uses_cfg and self.guidance != 1.0
+
+    def encode_prompts(self, prompts: Sequence[str]) -> PromptCondition:
+        """Text embeddings for each prompt (and the negative prompt when guidance is on), on the device."""
+        prompts = [str(p) for p in prompts]
+        negative = [self.negative_prompt] * len(prompts) if self.guided else None
+        with torch.no_grad():
+            cond = self._encode(prompts, negative)
+        return replace(cond, prompts=tuple(prompts))
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: PromptCondition | None = None) -> torch.Tensor:
+        if cond is None:
+            raise ValueError(f"the {self.name} backend needs a condition: use backend.encode_prompts(prompts)")
+        batch = x.shape[0]
+        if len(cond) != batch:
+            raise ValueError(f"condition has {len(cond)} rows but the batch has {batch}")
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device)
+        sigma = sigma.expand(batch) if sigma.ndim == 0 else sigma.reshape(batch)
+        cond = cond.to(device=x.device)
+        guided = self.guided and cond.has_negative
+        rows = self.max_batch or batch * (2 if guided else 1)
+        step = max(1, rows // 2) if guided else rows
+        outputs = [self._guided(x[lo:lo + step], sigma[lo:lo + step], cond.select(slice(lo, lo + step)), guided)
+                   for lo in range(0, batch, step)]
+        return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+    def _guided(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptCondition, guided: bool) -> torch.Tensor:
+        if not guided:
+            return self._denoise(x, sigma, cond.embeds, cond.pooled)
+        pooled = None if cond.pooled is None else torch.cat([cond.neg_pooled, cond.pooled])
+        both = self._denoise(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond.neg_embeds, cond.embeds]),
+                             pooled)
+        uncond, conditional = both.chunk(2)
+        return uncond + self.guidance * (conditional - uncond)
+
+    def vae_latents(self, x: torch.Tensor) -> torch.Tensor:
+        """ODE-state latents -> what the VAE decoder takes: ``z / scaling_factor + shift_factor``."""
+        config = self.pipe.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return x / config.scaling_factor + shift
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1], float32 ``[B, 3, H, W]`` (chunked by ``max_batch``; differentiable)."""
+        vae = self.pipe.vae
+        step = self.max_batch or x.shape[0]
+        images = [vae.decode(self.vae_latents(x[lo:lo + step]).to(device=self.device, dtype=vae.dtype)).sample
+                  for lo in range(0, x.shape[0], step)]
+        return torch.cat(images).float().clamp(-1, 1)
+
+    def config(self) -> dict:
+        """What :func:`backends.load_backend` needs to rebuild this backend (without the weights' path)."""
+        return {"resolution": self.resolution, "guidance": self.guidance}
+
+    def describe(self) -> dict:
+        """Identity of the model for caches and metadata."""
+        network = self.network
+        return {"backend": self.name, "class": type(network).__name__,
+                "name_or_path": getattr(getattr(self.pipe, "config", None), "_name_or_path", None),
+                "parameters": sum(p.numel() for p in network.parameters()), **self.config()}
