@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # Repeat the torch pins in every pip call so nothing swaps torch.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test bench distill install clean
+.PHONY: demo test bench distill rdpo-demo install clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ bench: $(VENV)/.installed
 distill: $(VENV)/.installed
 	for m in gmm digits; do for n in 3 5 7 9; do \
 		OMP_NUM_THREADS=1 $(PY) -m training.distill.launch --config configs/distill/$$m-nfe$$n.yaml || exit 1; done; done
+
+# RDPO (Stage 2) on the digits model: 9 short runs and the report in docs/rdpo/ (about 3 minutes on 2 CPU cores).
+rdpo-demo: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(PY) scripts/rdpo_digits_demo.py
 
 clean:
 	rm -rf samples .cache .pytest_cache

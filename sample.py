@@ -39,6 +39,7 @@ from solvers.epd import sample_epd
 from solvers.registry import eval_count, get_solver
 from solvers.schedules import SCHEDULES, ScheduleSpec, default_rho, make_sigmas
 from solvers.table import PredictorTable, TableError, UnsafePickleError, load_table
+from training.prompts import read_prompts
 
 __all__ = ["parse_seeds", "resolve_predictor_path", "read_prompts", "build_parser", "backend_script_parser", "main"]
 
@@ -88,28 +89,6 @@ def resolve_predictor_path(value: str, root: Path = Path("exps")) -> Path:
             raise FileNotFoundError(f"no predictor table (*.pkl) under {path}")
         return candidates[-1]
     raise FileNotFoundError(f"no predictor table at {value}")
-
-
-def read_prompts(path: Path) -> list[str]:
-    """Lines of a .txt file (blank lines skipped), or the first of the columns text/prompt/caption of a .csv file
-    (the MS-COCO caption CSVs the authors use have ``text``)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    if path.suffix.lower() == ".csv":
-        import csv
-
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            column = next((c for c in ("text", "prompt", "caption") if c in (reader.fieldnames or [])), None)
-            if column is None:
-                raise ValueError(f"{path}: CSV needs a 'text', 'prompt' or 'caption' column")
-            prompts = [row[column] for row in reader]
-    else:
-        prompts = [line.rstrip("\n") for line in path.read_text(encoding="utf-8").splitlines()]
-        prompts = [p for p in prompts if p.strip()]
-    if not prompts:
-        raise ValueError(f"{path}: no prompts")
-    return prompts
 
 
 def _atomic_bytes(path: Path, write: Any) -> None:

@@ -13,6 +13,8 @@ from typing import Any, Iterable
 
 from omegaconf import DictConfig, OmegaConf
 
+from training.runs import ConfigError, compose_config
+
 __all__ = ["DEFAULTS", "ConfigError", "load_config", "validate", "PIXEL_DATASETS"]
 
 # Datasets the authors' last-step-only rule applies to (spec 6.3, 9.24).
@@ -80,41 +82,9 @@ _CHOICES = {
 }
 
 
-class ConfigError(ValueError):
-    """A setting is invalid; the message names it."""
-
-
-def _read(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    path = path.resolve()
-    if path in seen:
-        raise ConfigError(f"{path}: 'inherit' loop through {' -> '.join(str(p) for p in seen)}")
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    node = OmegaConf.load(path)
-    parents = node.pop("inherit", None)
-    if parents is None:
-        return node
-    merged = OmegaConf.create({})
-    for parent in [parents] if isinstance(parents, str) else list(parents):
-        merged = OmegaConf.merge(merged, _read(path.parent / parent, seen + (path,)))
-    return OmegaConf.merge(merged, node)
-
-
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> DictConfig:
     """Defaults <- YAML file (with its ``inherit`` chain) <- ``key=value`` overrides; then :func:`validate`."""
-    config = OmegaConf.create(DEFAULTS)
-    OmegaConf.set_struct(config, True)  # a misspelt key is an error, not a silently ignored setting
-    OmegaConf.set_struct(config.backend, False)  # backend options are the backend's business
-    try:
-        if path is not None:
-            config = OmegaConf.merge(config, _read(Path(path)))
-        overrides = list(overrides)
-        if overrides:
-            config = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
-    except ConfigError:
-        raise
-    except Exception as err:  # omegaconf's own errors name the key
-        raise ConfigError(f"{path or 'overrides'}: {err}") from None
+    config = compose_config(DEFAULTS, path, overrides, open_sections=("backend",))
     validate(config)
     return config
 

@@ -24,12 +24,9 @@ run resumes from it and ends with the same table), ``table.pkl``/``table.json`` 
 
 from __future__ import annotations
 
-import fcntl
-import io
 import json
 import math
 import os
-import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -45,9 +42,13 @@ from tqdm.auto import tqdm
 from solvers.core import repeat_condition, seeded_noise
 from solvers.epd import epd_sampler_step
 from solvers.schedules import ScheduleSpec, make_sigmas
-from solvers.table import PredictorTable, atomic_write, load_table, save_table
+from solvers.table import PredictorTable, load_table, save_table
 
 from training import features as feature_losses
+from training.runs import atomic_text as _atomic_text
+from training.runs import atomic_torch_save as _atomic_torch_save
+from training.runs import init_distributed as _init_distributed
+from training.runs import new_run_dir, truncate_log
 
 from .config import PIXEL_DATASETS, load_config
 from .params import TableParameters
@@ -62,30 +63,6 @@ TRAIN_SEED_BASE = 1 << 31
 def noise_seeds(seed: int, ids: torch.Tensor) -> list[int]:
     """Generator seed of each trajectory id (see :data:`TRAIN_SEED_BASE`)."""
     return [TRAIN_SEED_BASE + (int(seed) * 1_000_003 + int(i)) % TRAIN_SEED_BASE for i in ids]
-
-
-def new_run_dir(outdir: str | Path, name: str) -> Path:
-    """``<outdir>/<id:05d>-<name>`` with the next free id (the authors' numbering)."""
-    outdir = Path(outdir)
-    outdir.mkdir(parents=True, exist_ok=True)
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
-    # Runs starting together (a sweep, several shells) must not take the same id: list and claim under a lock.
-    with open(outdir / ".run-ids.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        ids = [int(m.group(1)) for p in outdir.iterdir() if (m := re.match(r"(\d{5})-", p.name))]
-        path = outdir / f"{max(ids, default=0) + 1:05d}-{safe}"
-        path.mkdir()
-    return path
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, buffer.getvalue())
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    atomic_write(path, text.encode())
 
 
 @dataclass
@@ -381,17 +358,8 @@ class Distiller:
 
     def _truncate_log(self, iteration: int) -> None:
         """Drop log lines written after the checkpoint (they will be written again)."""
-        path = self.run_dir / "log.jsonl"
-        if self.rank != 0 or not path.is_file():
-            return
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                if json.loads(line).get("iteration", 0) <= iteration:
-                    kept.append(line)
-            except json.JSONDecodeError:  # a line cut by the kill
-                break
-        _atomic_text(path, "".join(f"{line}\n" for line in kept))
+        if self.rank == 0:
+            truncate_log(self.run_dir / "log.jsonl", "iteration", iteration)
 
     def metadata(self, seconds: float | None = None, final_loss: float | None = None) -> dict:
         config = self.config
@@ -469,15 +437,6 @@ class Distiller:
 
             plot_run(self.run_dir)
         return table
-
-
-def _init_distributed() -> None:
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend)
 
 
 def train(config: DictConfig | str | Path, overrides: list[str] | None = None, *, resume: str | Path | None = None,
