@@ -9,7 +9,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from solvers.table import atomic_write
 
 __all__ = ["ConfigError", "compose_config", "new_run_dir", "atomic_torch_save", "atomic_text", "truncate_log",
-           "init_distributed", "append_jsonl"]
+           "init_distributed", "append_jsonl", "open_run"]
 
 
 class ConfigError(ValueError):
@@ -119,3 +119,33 @@ def init_distributed() -> None:
         dist.init_process_group(backend="cpu:gloo,cuda:nccl")
     else:
         dist.init_process_group(backend="gloo")
+
+
+def open_run(config: DictConfig | str | Path | None, overrides: list[str] | None, resume: str | Path | None,
+             run_dir: str | Path | None, load: Callable[..., DictConfig],
+             where: Callable[[DictConfig], tuple[str, str]]) -> tuple[DictConfig, Path]:
+    """The run folder and config of a training job, on every rank.
+
+    ``resume``: an existing folder, whose saved ``config.yaml`` is used (with ``overrides``). Otherwise the config
+    (an object, or a YAML path for ``load(path, overrides)``) gets a new folder ``where(config) = (outdir, name)``
+    (or ``run_dir``), created by rank 0, which writes the resolved config there and tells the other ranks.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if resume is not None:
+        folder = Path(resume)
+        if not (folder / "config.yaml").is_file():
+            raise FileNotFoundError(f"{folder} is not a run folder (no config.yaml)")
+        return load(folder / "config.yaml", overrides or []), folder
+    if not isinstance(config, DictConfig):
+        config = load(config, overrides or [])
+    chosen = None
+    if rank == 0:
+        chosen = Path(run_dir) if run_dir is not None else new_run_dir(*where(config))
+        chosen.mkdir(parents=True, exist_ok=True)
+        atomic_text(chosen / "config.yaml", OmegaConf.to_yaml(config))
+    if dist.is_initialized():
+        shared = [str(chosen) if chosen is not None else None]
+        dist.broadcast_object_list(shared, src=0)
+        chosen = Path(shared[0])
+    assert chosen is not None
+    return config, chosen

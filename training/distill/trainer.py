@@ -45,10 +45,9 @@ from solvers.schedules import ScheduleSpec, make_sigmas
 from solvers.table import PredictorTable, load_table, save_table
 
 from training import features as feature_losses
-from training.runs import atomic_text as _atomic_text
 from training.runs import atomic_torch_save as _atomic_torch_save
 from training.runs import init_distributed as _init_distributed
-from training.runs import new_run_dir, truncate_log
+from training.runs import new_run_dir, open_run, truncate_log
 
 from .config import PIXEL_DATASETS, load_config
 from .params import TableParameters
@@ -445,25 +444,7 @@ def train(config: DictConfig | str | Path, overrides: list[str] | None = None, *
     """Run a distillation: a new run folder under ``config.outdir``, or ``resume`` an existing one (its saved
     config is used). Works in one process or under ``torchrun`` (gloo on CPU, NCCL on GPU)."""
     _init_distributed()
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if resume is not None:
-        folder = Path(resume)
-        if not (folder / "config.yaml").is_file():
-            raise FileNotFoundError(f"{folder} is not a run folder (no config.yaml)")
-        config = load_config(folder / "config.yaml", overrides or [])
-    else:
-        if not isinstance(config, DictConfig):
-            config = load_config(config, overrides or [])
-        folder = None
-        if rank == 0:
-            folder = Path(run_dir) if run_dir is not None else new_run_dir(config.outdir, config.name)
-            folder.mkdir(parents=True, exist_ok=True)
-            _atomic_text(folder / "config.yaml", OmegaConf.to_yaml(config))
-        if dist.is_initialized():
-            shared = [str(folder) if folder is not None else None]
-            dist.broadcast_object_list(shared, src=0)
-            folder = Path(shared[0])
-    assert folder is not None
+    config, folder = open_run(config, overrides, resume, run_dir, load_config, lambda c: (c.outdir, c.name))
     distiller = Distiller(config, folder, backend=backend, progress=progress, stop_after=stop_after)
     table = distiller.run()
     if dist.is_initialized():

@@ -45,8 +45,7 @@ from solvers.epd import sample_epd
 from solvers.table import PredictorTable, load_table, save_table
 from training.prompts import read_prompts
 from training.rewards import reward_from_config
-from training.runs import (append_jsonl, atomic_text, atomic_torch_save, init_distributed, new_run_dir,
-                           truncate_log)
+from training.runs import append_jsonl, atomic_torch_save, init_distributed, open_run, truncate_log
 
 from .advantages import rloo_advantages
 from .cold_start import cold_start
@@ -425,25 +424,8 @@ def train(config: DictConfig | str | Path, overrides: list[str] | None = None, *
     """Run RDPO: a new run folder under ``run.output_root``, or ``resume`` an existing one (its saved config is
     used). One process, or ``torchrun`` (gloo on CPU, NCCL on GPU)."""
     init_distributed()
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if resume is not None:
-        folder = Path(resume)
-        if not (folder / "config.yaml").is_file():
-            raise FileNotFoundError(f"{folder} is not a run folder (no config.yaml)")
-        config = load_config(folder / "config.yaml", overrides or [])
-    else:
-        if not isinstance(config, DictConfig):
-            config = load_config(config, overrides or [])
-        folder = None
-        if rank == 0:
-            folder = Path(run_dir) if run_dir is not None else new_run_dir(config.run.output_root, config.run.run_name)
-            folder.mkdir(parents=True, exist_ok=True)
-            atomic_text(folder / "config.yaml", OmegaConf.to_yaml(config))
-        if dist.is_initialized():
-            shared = [str(folder) if folder is not None else None]
-            dist.broadcast_object_list(shared, src=0)
-            folder = Path(shared[0])
-    assert folder is not None
+    config, folder = open_run(config, overrides, resume, run_dir, load_config,
+                              lambda c: (c.run.output_root, c.run.run_name))
     trainer = RDPOTrainer(config, folder, backend=backend, reward=reward, progress=progress, stop_after=stop_after)
     table = trainer.run()
     if dist.is_initialized():
