@@ -74,8 +74,11 @@ def test_configs_load_and_errors_name_the_setting(tmp_path):
 def test_dry_run_checks_the_reward_heads(capsys):
     assert launch_main(["--config", str(CONFIG), "--dry-run"]) == 0
     assert "config OK" in capsys.readouterr().out
-    assert launch_main(["--config", str(CONFIG), "--dry-run", "--override", "reward.weights.hps=1"]) == 2
-    assert "reward head(s) hps are not available" in capsys.readouterr().err
+    assert launch_main(["--config", str(CONFIG), "--dry-run", "--override", "reward.weights.nosuchhead=1"]) == 2
+    assert "reward head(s) nosuchhead are not available" in capsys.readouterr().err
+    assert launch_main(["--config", str(CONFIG), "--dry-run", "--override", "reward.weights.hps=1", "--override",
+                        "reward.heads.hps.weights_path=/nowhere/HPS_v2.1_compressed.pt"]) == 2
+    assert "reward.heads.hps.weights_path = /nowhere/HPS_v2.1_compressed.pt does not exist" in capsys.readouterr().err
 
 
 # -- the trainer ------------------------------------------------------------------------------------------------

@@ -33,6 +33,24 @@ def dry_run_report(config) -> list[str]:
     if missing:
         raise ConfigError(f"reward head(s) {', '.join(missing)} are not available in this build; available: "
                           f"{', '.join(available_rewards())}")
+    from pathlib import Path
+
+    from training.rewards.weights import head_entries, resolve
+
+    absent = []
+    for head in heads:
+        options = dict(config.reward.heads.get(head, {}) or {}) if config.reward.type == "multi" else dict(config.reward)
+        for file_name, option in head_entries(head):
+            given = options.get(option)
+            try:
+                if given is None:
+                    resolve(file_name)
+                elif not Path(given).exists():
+                    raise FileNotFoundError(f"reward.heads.{head}.{option} = {given} does not exist")
+            except FileNotFoundError as err:
+                absent.append(str(err))
+    if absent:
+        raise ConfigError("missing reward weights:\n  " + "\n  ".join(absent))
     return [f"start table: {config.data.predictor_snapshot} (N = {table.num_steps}, K = {table.num_points}, "
             f"backend {table.metadata.get('backend')}, NFE {table.eval_count().sequential})",
             f"reward heads: {', '.join(heads)}", "config OK"]

@@ -15,7 +15,9 @@ from training.rewards.registry import (MultiReward, RewardHead, RewardResult, av
 __all__ = ["RewardHead", "RewardResult", "MultiReward", "register_reward", "unregister_reward",
            "available_rewards", "build_reward", "reward_from_config"]
 
-_BUILTIN_MODULES = ("training.rewards.digits", "training.rewards.image_stats")
+_BUILTIN_MODULES = ("training.rewards.digits", "training.rewards.image_stats", "training.rewards.hps",
+                    "training.rewards.clip_score", "training.rewards.pickscore", "training.rewards.imagereward",
+                    "training.rewards.mps")
 
 for _module in _BUILTIN_MODULES:
     importlib.import_module(_module)

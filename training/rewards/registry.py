@@ -22,7 +22,7 @@ from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
 import torch
 
 __all__ = ["RewardHead", "RewardResult", "MultiReward", "register_reward", "unregister_reward",
-           "available_rewards", "build_reward", "reward_from_config"]
+           "available_rewards", "build_reward", "reward_options", "reward_from_config"]
 
 
 @runtime_checkable
@@ -66,6 +66,19 @@ def unregister_reward(name: str) -> None:
 def available_rewards() -> list[str]:
     """The registered head names, sorted."""
     return sorted(_REGISTRY)
+
+
+def reward_options(name: str) -> tuple[set[str], bool]:
+    """``(keyword options, accepts any **options)`` of the head ``name``'s factory (for CLIs that map their
+    flags onto heads); an unknown name is a ValueError."""
+    import inspect
+
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise ValueError(f"unknown reward {name!r}; available: {', '.join(available_rewards()) or '(none)'}")
+    params = inspect.signature(factory).parameters.values()
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return names, any(p.kind == p.VAR_KEYWORD for p in params)
 
 
 def build_reward(name: str, **options) -> RewardHead:

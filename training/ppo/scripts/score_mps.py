@@ -1,0 +1,22 @@
+"""MPS scores of a folder of images: ``python -m training.ppo.scripts.score_mps --images DIR [--prompts FILE]``
+(flags and output of :mod:`training.rewards.score_cli`; head ``mps``)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Iterable
+
+from training.rewards.score_cli import main as _score_main
+
+__all__ = ["main", "HEAD"]
+
+HEAD = "mps"
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    """Run the shared score CLI with ``--head mps`` as the default."""
+    return _score_main(argv, head=HEAD, prog="python -m training.ppo.scripts.score_mps")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
