@@ -118,7 +118,7 @@ def test_time_scale_gradient_reaches_the_unet_time_input(backends):
     timestep into the UNet's time embedding (the authors' map is not differentiable there)."""
     sd15 = backends["sd15"]
     cond = sd15.encode_prompts(["a house"])
-    x = torch.randn(1, *sd15.shape)
+    x = torch.randn(1, *sd15.shape, generator=torch.Generator().manual_seed(0))
     scale = torch.tensor(1.0, requires_grad=True)
     (grad,) = torch.autograd.grad(sd15(x, torch.tensor([2.0]) * scale, cond).sum(), scale)
     with torch.no_grad():    # central difference; the step is small against the time embedding's frequencies
@@ -132,7 +132,9 @@ def test_time_scale_gradient_reaches_the_unet_time_input(backends):
         (grad_no_time,) = torch.autograd.grad(sd15(x, torch.tensor([2.0]) * scale, cond).sum(), scale)
     finally:
         del sd15.vp.timestep
-    assert abs(grad_no_time.item() - fd) > 0.1 * abs(fd)
+    # the time path's share is model-dependent (a few % to tens of % on the tiny UNet); without it the
+    # derivative misses the finite difference by more than the 2 % tolerance above
+    assert abs(grad_no_time.item() - fd) > 0.02 * abs(fd)
 
 
 def test_flux_packing_matches_diffusers_and_round_trips():
