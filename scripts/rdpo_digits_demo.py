@@ -81,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "rdpo")
     parser.add_argument("--runs", type=Path, default=ROOT / "exps" / "rdpo")
     args = parser.parse_args(argv)
+    args.runs, args.out = args.runs.resolve(), args.out.resolve()
+    os.chdir(ROOT)                       # the config's paths (start table) are relative to the repository
     seeds = [int(s) for s in args.seeds.split(",")]
+    # Run folders record their output root; keep it relative to the repository when it lies inside it.
+    runs_root = os.path.relpath(args.runs, ROOT) if args.runs.resolve().is_relative_to(ROOT) else str(args.runs)
     config = load_config(CONFIG)
     backend = load_backend("digits", guidance=float(config.model.guidance_rate))
     reward = reward_from_config({"type": "multi", "weights": dict(config.reward.weights)})
@@ -107,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant, tag, overrides in VARIANTS:
         for seed in seeds:
             tick = time.perf_counter()
-            table, folder = train(CONFIG, [f"run.output_root={args.runs}", f"run.seed={seed}",
+            table, folder = train(CONFIG, [f"run.output_root={runs_root}", f"run.seed={seed}",
                                            f"run.run_name=digits-{tag}-seed{seed}", f"ppo.steps={args.steps}",
                                            *overrides], progress=False)
             seconds = time.perf_counter() - tick
