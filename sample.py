@@ -21,7 +21,6 @@ import argparse
 import json
 import math
 import os
-import re
 import sys
 import tempfile
 import time
@@ -34,7 +33,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from backends import ANALYTIC_MODELS, canonical_backend, load_backend, options_from_table
-from solvers.core import seeded_noise
+from solvers.core import parse_seeds, seeded_noise
 from solvers.epd import sample_epd
 from solvers.registry import eval_count, get_solver
 from solvers.schedules import SCHEDULES, ScheduleSpec, default_rho, make_sigmas
@@ -42,28 +41,6 @@ from solvers.table import PredictorTable, TableError, UnsafePickleError, load_ta
 from training.prompts import read_prompts
 
 __all__ = ["parse_seeds", "resolve_predictor_path", "read_prompts", "build_parser", "backend_script_parser", "main"]
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``"0-19,25,30-31"`` -> [0..19, 25, 30, 31] (ranges inclusive, order kept, duplicates dropped)."""
-    seeds: list[int] = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        match = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
-        if not match:
-            raise ValueError(f"bad seed item {part!r}: use numbers and inclusive ranges like 0-19,25")
-        if match.group(3) is not None:
-            seeds.append(int(match.group(3)))
-        else:
-            lo, hi = int(match.group(1)), int(match.group(2))
-            if hi < lo:
-                raise ValueError(f"bad seed range {part!r}: end before start")
-            seeds.extend(range(lo, hi + 1))
-    if not seeds:
-        raise ValueError("no seeds given")
-    return list(dict.fromkeys(seeds))
 
 
 def resolve_predictor_path(value: str, root: Path = Path("exps")) -> Path:

@@ -7,6 +7,7 @@ coordinates, ``sigma`` a per-sample tensor ``[B]``. The ODE direction is ``d = (
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Callable, Mapping, Protocol
 
@@ -23,6 +24,7 @@ __all__ = [
     "EvalCount",
     "EvalCounter",
     "seeded_noise",
+    "parse_seeds",
     "as_tensor",
 ]
 
@@ -146,3 +148,25 @@ def seeded_noise(seeds: "list[int] | torch.Tensor", shape: tuple, dtype: torch.d
         gen = torch.Generator(device="cpu").manual_seed(int(seed) % (1 << 32))
         out.append(torch.randn(shape, generator=gen, dtype=torch.float64))
     return torch.stack(out).to(device=device, dtype=dtype)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0-19,25,30-31"`` -> [0..19, 25, 30, 31] (ranges inclusive, order kept, duplicates dropped)."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        match = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
+        if not match:
+            raise ValueError(f"bad seed item {part!r}: use numbers and inclusive ranges like 0-19,25")
+        if match.group(3) is not None:
+            seeds.append(int(match.group(3)))
+        else:
+            lo, hi = int(match.group(1)), int(match.group(2))
+            if hi < lo:
+                raise ValueError(f"bad seed range {part!r}: end before start")
+            seeds.extend(range(lo, hi + 1))
+    if not seeds:
+        raise ValueError("no seeds given")
+    return list(dict.fromkeys(seeds))

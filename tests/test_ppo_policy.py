@@ -18,7 +18,7 @@ from training.ppo.policy import (DirichletPolicy, TableSample, dirichlet_kl, dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "exps" / "digits" / "epd-nfe5.pkl"
-OFFICIAL = Path("/work/shared/official/tpami")
+OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "official" / "tpami"   # beside the checkout
 SIGMAS = np.array([80.0, 20.0, 5.0, 1.0, 0.2])
 
 

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from solvers.table import atomic_write
 
 __all__ = ["ConfigError", "compose_config", "new_run_dir", "atomic_torch_save", "atomic_text", "truncate_log",
-           "init_distributed", "append_jsonl", "open_run"]
+           "init_distributed", "append_jsonl", "open_run", "rank_device"]
 
 
 class ConfigError(ValueError):
@@ -107,6 +107,15 @@ def truncate_log(path: Path, key: str, upto: int) -> None:
         except json.JSONDecodeError:
             break
     atomic_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def rank_device(name: str = "auto") -> torch.device:
+    """``auto``: this rank's GPU (``cuda:$LOCAL_RANK``) when CUDA is available, else the CPU; or ``name``."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def init_distributed() -> None:

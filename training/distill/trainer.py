@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -47,7 +46,7 @@ from solvers.table import PredictorTable, load_table, save_table
 from training import features as feature_losses
 from training.runs import atomic_torch_save as _atomic_torch_save
 from training.runs import init_distributed as _init_distributed
-from training.runs import new_run_dir, open_run, truncate_log
+from training.runs import new_run_dir, open_run, rank_device, truncate_log
 
 from .config import PIXEL_DATASETS, load_config
 from .params import TableParameters
@@ -85,7 +84,7 @@ class Distiller:
         self.stop_after = stop_after
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.device = self._device(config.device)
+        self.device = rank_device(config.device)
         self.injected = backend is not None
         self.backend = backend if backend is not None else self._load_backend()
         self.flow = getattr(self.backend, "family", "ve") == "flow"
@@ -125,13 +124,6 @@ class Distiller:
         self.teacher_seconds = 0.0
 
     # -- setup --------------------------------------------------------------------------------------------
-    def _device(self, name: str) -> torch.device:
-        if name != "auto":
-            return torch.device(name)
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-
     def _load_backend(self) -> Any:
         from backends import ANALYTIC_MODELS, canonical_backend, load_backend
 

@@ -24,9 +24,7 @@ from it and ends with the same policy), ``table-mean.pkl``/``.json``, ``table-mo
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,32 +38,21 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from backends import ANALYTIC_MODELS, canonical_backend, load_backend, options_from_table
-from solvers.core import seeded_noise
+from solvers.core import parse_seeds, seeded_noise
 from solvers.epd import sample_epd
 from solvers.table import PredictorTable, load_table, save_table
 from training.prompts import read_prompts
 from training.rewards import reward_from_config
-from training.runs import append_jsonl, atomic_torch_save, init_distributed, open_run, truncate_log
+from training.runs import append_jsonl, atomic_torch_save, init_distributed, open_run, rank_device, truncate_log
 
 from .advantages import rloo_advantages
 from .cold_start import cold_start
 from .config import load_config
 from .policy import DirichletPolicy, TableSample
 
-__all__ = ["RDPOTrainer", "train", "TRAIN_SEED_BASE", "BatchTable", "parse_seed_list"]
+__all__ = ["RDPOTrainer", "train", "TRAIN_SEED_BASE", "BatchTable"]
 
 TRAIN_SEED_BASE = 1 << 31
-
-
-def parse_seed_list(text: str | list) -> list[int]:
-    """``"0-63,70"`` or a list of ints."""
-    if not isinstance(text, str):
-        return [int(s) for s in text]
-    seeds: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.strip().partition("-")
-        seeds.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-    return seeds
 
 
 @dataclass
@@ -143,7 +130,7 @@ class RDPOTrainer:
         self.stop_after = stop_after
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.device = self._device(config.run.device)
+        self.device = rank_device(config.run.device)
         ppo = config.ppo
         self.batch = int(ppo.rollout_batch_size) // self.world
         if int(ppo.rollout_batch_size) % self.world or self.batch % int(ppo.rloo_k):
@@ -160,7 +147,8 @@ class RDPOTrainer:
             OmegaConf.to_container(config.reward, resolve=True))
         self.prompts = self._prompts(config.data.prompts, config.data.prompt_csv)
         self.eval_prompts = self._prompts(config.eval.prompts, None) if config.eval.prompts else self.prompts
-        self.eval_seeds = parse_seed_list(config.eval.seeds)
+        seeds = config.eval.seeds
+        self.eval_seeds = parse_seeds(seeds) if isinstance(seeds, str) else [int(s) for s in seeds]
 
         self.cold = cold_start(self.start_table, float(ppo.dirichlet_concentration), str(ppo.parameterisation))
         torch.manual_seed(int(config.run.seed))          # identical initial policy on every rank
@@ -176,13 +164,6 @@ class RDPOTrainer:
         self.start_step = 0
 
     # -- setup --------------------------------------------------------------------------------------------------
-    def _device(self, name: str) -> torch.device:
-        if name != "auto":
-            return torch.device(name)
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-
     def _check_table(self) -> None:
         model, table = self.config.model, self.start_table
         if model.num_steps is not None and int(model.num_steps) != table.num_steps:
@@ -432,7 +413,3 @@ def train(config: DictConfig | str | Path, overrides: list[str] | None = None, *
         dist.barrier()
     return table, folder
 
-
-def read_log(run_dir: str | Path, name: str = "log.jsonl") -> list[dict]:
-    path = Path(run_dir) / name
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
