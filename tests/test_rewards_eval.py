@@ -18,7 +18,7 @@ from pytorch_fid import inception as fid_inception
 import sample
 from training.rewards import build_reward
 from training.rewards import fid, score_cli, weights
-from training.rewards.mps import PickledModelError, load_mps_state_dict, refuse_pickled_model
+from training.rewards.mps import MPSStateDictError, PickledModelError, load_mps_state_dict, refuse_pickled_model
 from training.ppo.scripts import score_fid, score_hps, score_mps
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -352,7 +352,7 @@ def test_mps_refuses_pickled_model_and_validates_state_dict(tmp_path):
     torch.save({"step": 3}, tmp_path / "odd.pt")
     with pytest.raises(PickledModelError, match="not named tensors"):
         load_mps_state_dict(tmp_path / "odd.pt")
-    with pytest.raises(NotImplementedError, match="architecture is not\\s+yet implemented"):
+    with pytest.raises(MPSStateDictError, match="does not match the MPS architecture"):   # strict: not MPS keys
         build_reward("mps", weights_path=converted)
     with pytest.raises(PickledModelError):
         build_reward("mps", weights_path=pickled)
@@ -390,7 +390,7 @@ def test_score_all_metrics_dir_skips_missing_weights(digit_samples, tmp_path):
 
 
 def test_score_all_metrics_dir_scores_present_metrics(digit_samples, inception_file, tmp_path):
-    """FID with a reference, MPS weights present but its network unimplemented: one scored, one failed."""
+    """FID with a reference, an MPS weights file that is not an MPS state dict: one scored, one failed."""
     root = tmp_path / "w"
     (root / "CLIP-ViT-H-14-laion2B-s32B-b79K").mkdir(parents=True)
     (root / "CLIP-ViT-H-14-laion2B-s32B-b79K" / "preprocessor_config.json").write_text("{}")
@@ -406,7 +406,7 @@ def test_score_all_metrics_dir_scores_present_metrics(digit_samples, inception_f
                           capture_output=True, text=True, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((results / "demo-summary.json").read_text())
-    assert summary["failed"] == ["mps"] and "architecture is not yet implemented" in proc.stderr
+    assert summary["failed"] == ["mps"] and "does not match the MPS architecture" in proc.stderr
     assert list(summary["metrics"]) == ["fid"] and summary["metrics"]["fid"]["count"] == 6
     fid_json = json.loads((results / "demo_fid.json").read_text())
     assert summary["metrics"]["fid"]["fid"] == fid_json["fid"] > 0 and fid_json["kid_mean"] is not None

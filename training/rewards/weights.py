@@ -95,7 +95,8 @@ MANIFEST: dict[str, WeightFile] = {w.name: w for w in (
                "MPS (multi-dimensional preference score), tensors only: converted once from the pickled model",
                "https://github.com/Kwai-Kolors/MPS (MPS_overall_checkpoint.pth, linked from its README), converted "
                "once to a state dict as training/rewards/mps.py explains", "MPS_MODEL_PATH",
-               note="the published checkpoint is a pickled model and is never loaded here"),
+               note="the published checkpoint is a pickled model and is never loaded here; the mps head also needs "
+                    "the CLIP ViT-H-14 processor folder (clip_vit_h14_processor)"),
 )}
 
 # For each head: (manifest entry, head option it is passed as). The first one is the head's main file
