@@ -42,13 +42,16 @@ class _Evaluator:
         return self.denoiser(x, sigma_batch(sigma, x), self.cond)
 
 
-def _grid(sigmas: Any, x: torch.Tensor) -> torch.Tensor:
-    sigmas = as_tensor(sigmas, x)
-    if sigmas.ndim != 1 or len(sigmas) < 2:
+def _grid(sigmas: Any, x: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """The grid on ``x``'s device, and its values as Python floats for the loop's branches (read once here,
+    so deciding e.g. "is this the step to 0" never makes the host wait for the device)."""
+    host = torch.as_tensor(sigmas.detach() if isinstance(sigmas, torch.Tensor) else sigmas, dtype=torch.float64).cpu()
+    if host.ndim != 1 or len(host) < 2:
         raise ValueError("sigmas must be a 1-D grid with at least two points")
-    if bool((sigmas[1:] >= sigmas[:-1]).any()) or bool(sigmas[:-1].le(0).any()):
+    levels = host.tolist()
+    if any(b >= a for a, b in zip(levels, levels[1:])) or any(s <= 0 for s in levels[:-1]):
         raise ValueError("sigmas must decrease strictly and be positive (a final 0 is allowed)")
-    return sigmas
+    return as_tensor(sigmas, x), levels
 
 
 def _report(callback: Callback | None, i: int, x: torch.Tensor, sigmas: torch.Tensor, denoised: torch.Tensor) -> None:
@@ -60,7 +63,7 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
                  flow: bool = False, callback: Callback | None = None, disable: bool = True) -> torch.Tensor:
     """Euler in sigma: ``x <- x + (t_n - t_c) d(x, t_c)``; DDIM (eta = 0) in these coordinates, flow Euler for
     flow matching. 1 evaluation per step."""
-    sigmas = _grid(sigmas, x)
+    sigmas, levels = _grid(sigmas, x)
     evaluate = _Evaluator(denoiser, cond, afs, flow)
     for i in trange(len(sigmas) - 1, disable=disable, desc="euler", leave=False):
         denoised = evaluate(x, sigmas[i])
@@ -73,14 +76,14 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = No
                 flow: bool = False, callback: Callback | None = None, disable: bool = True) -> torch.Tensor:
     """Heun / explicit trapezoid (EDM Alg. 1): Euler predictor, then ``x <- x + h (d + d') / 2`` with ``d'`` at
     the predicted point; a step to sigma = 0 stays Euler. 2 evaluations per step."""
-    sigmas = _grid(sigmas, x)
+    sigmas, levels = _grid(sigmas, x)
     evaluate = _Evaluator(denoiser, cond, afs, flow)
     for i in trange(len(sigmas) - 1, disable=disable, desc="heun", leave=False):
         t_c, t_n = sigmas[i], sigmas[i + 1]
         denoised = evaluate(x, t_c)
         d = direction(x, denoised, t_c)
         x_pred = x + (t_n - t_c) * d
-        if t_n > 0:
+        if levels[i + 1] > 0:
             d_pred = direction(x_pred, evaluate(x_pred, t_n), t_n)
             x_pred = x + (t_n - t_c) * 0.5 * (d + d_pred)
         x = x_pred
@@ -94,13 +97,13 @@ def sample_dpm2(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = No
     """DPM-Solver-2 (noise-prediction form, spec 4 ``dpm2``): ``m = t_n^r t_c^{1-r}``, ``x_m = x + (m - t_c) d``,
     ``x <- x + (t_n - t_c) [d(x_m, m)/(2r) + (1 - 1/(2r)) d]``; with r = 1/2 the geometric midpoint, as in
     k-diffusion's ``sample_dpm_2``. A step to sigma = 0 is Euler. 2 evaluations per step."""
-    sigmas = _grid(sigmas, x)
+    sigmas, levels = _grid(sigmas, x)
     evaluate = _Evaluator(denoiser, cond, afs, flow)
     for i in trange(len(sigmas) - 1, disable=disable, desc="dpm2", leave=False):
         t_c, t_n = sigmas[i], sigmas[i + 1]
         denoised = evaluate(x, t_c)
         d = direction(x, denoised, t_c)
-        if t_n > 0:
+        if levels[i + 1] > 0:
             t_m = t_n ** r * t_c ** (1 - r)
             x_m = x + (t_m - t_c) * d
             d_m = direction(x_m, evaluate(x_m, t_m), t_m)
@@ -116,7 +119,7 @@ def sample_ipndm(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
                  disable: bool = True) -> torch.Tensor:
     """Improved PNDM (spec 4): ``x <- x + (t_n - t_c) AB_p(d_c, history)`` with the fixed equal-step Adams-
     Bashforth coefficients of order ``p = min(max_order, steps so far + 1)``. 1 evaluation per step."""
-    sigmas = _grid(sigmas, x)
+    sigmas, levels = _grid(sigmas, x)
     evaluate = _Evaluator(denoiser, cond, afs, flow)
     history: list[torch.Tensor] = []
     for i in trange(len(sigmas) - 1, disable=disable, desc="ipndm", leave=False):
@@ -138,14 +141,14 @@ def _alpha(sigma: torch.Tensor, flow: bool) -> torch.Tensor:
     return 1 - sigma if flow else torch.ones_like(sigma)
 
 
-def _history_start(sigmas: torch.Tensor, flow: bool) -> int:
+def _history_start(sigma_first: float, flow: bool) -> int:
     """Index of the first grid point whose output may serve as history of a multistep method: a flow grid
     starting at sigma = 1 has lambda = -inf there, where the output carries no weight (h = inf) and would only
     turn finite-difference coefficients into inf/inf."""
-    return int(not bool(torch.isfinite(_lambda(sigmas[0], flow))))
+    return int(flow and sigma_first >= 1.0)
 
 
-def _order_cap(num_steps: int, order: int, lower_order_final: bool, i: int, sigma_next: torch.Tensor) -> int:
+def _order_cap(num_steps: int, order: int, lower_order_final: bool, i: int, sigma_next: float) -> int:
     """Order cap near the end, as diffusers' DPMSolverMultistepScheduler decides it."""
     if sigma_next == 0 or (lower_order_final and num_steps < 15 and i == num_steps - 1):
         return 1
@@ -169,16 +172,17 @@ def sample_dpmpp(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
     """
     if order not in (1, 2, 3):
         raise ValueError(f"DPM-Solver++ order must be 1, 2 or 3 (got {order})")
-    sigmas = _grid(sigmas, x)
+    sigmas, levels = _grid(sigmas, x)
     num_steps = len(sigmas) - 1
     evaluate = _Evaluator(denoiser, cond, afs, flow)
     outputs: list[torch.Tensor] = []
-    start = _history_start(sigmas, flow)
+    start = _history_start(levels[0], flow)
     for i in trange(num_steps, disable=disable, desc=f"dpmpp{order}m", leave=False):
         t_c, t_n = sigmas[i], sigmas[i + 1]
         denoised = evaluate(x, t_c)
         outputs = (outputs + [denoised])[-3:]
-        step_order = min(_order_cap(num_steps, order, lower_order_final, i, t_n), len(outputs), max(1, i + 1 - start))
+        step_order = min(_order_cap(num_steps, order, lower_order_final, i, levels[i + 1]), len(outputs),
+                         max(1, i + 1 - start))
         h = _lambda(t_n, flow) - _lambda(t_c, flow)
         phi = torch.expm1(-h)
         alpha_n = _alpha(t_n, flow)
@@ -230,11 +234,11 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
     """
     if order < 1:
         raise ValueError(f"UniPC order must be >= 1 (got {order})")
-    sigmas = _grid(sigmas, x)
+    sigmas, levels = _grid(sigmas, x)
     num_steps = len(sigmas) - 1
     evaluate = _Evaluator(denoiser, cond, afs, flow)
     outputs: list[torch.Tensor] = []     # data predictions at sigmas[i - len + 1 .. i]
-    start = _history_start(sigmas, flow)
+    start = _history_start(levels[0], flow)
     last_x: torch.Tensor | None = None
     last_order = 0
 
@@ -268,7 +272,7 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
         step_order = min(order, num_steps - i) if lower_order_final else order
         step_order = min(step_order, len(outputs), max(1, i + 1 - start))
         t_c, t_n = sigmas[i], sigmas[i + 1]
-        if t_n == 0:
+        if levels[i + 1] == 0:
             step_order = 1  # h is infinite on a step to sigma = 0; only the first-order update is defined
         h = _lambda(t_n, flow) - _lambda(t_c, flow)
         b_h = _alpha(t_n, flow) * torch.expm1(-h)

@@ -65,9 +65,11 @@ def repeat_condition(cond: Any, repeats: int) -> Any:
 def as_tensor(values: Any, like: torch.Tensor) -> torch.Tensor:
     """``values`` (tensor, array, list or number) as a tensor with ``like``'s dtype and device (a copy for
     numpy input, which may be read-only)."""
+    # non_blocking: a host->GPU copy of a small table must not make the host wait for queued GPU work
+    # (from pageable memory CUDA stages the data before returning, so the source may be freed at once).
     if isinstance(values, torch.Tensor):
-        return values.to(dtype=like.dtype, device=like.device)
-    return torch.tensor(np.asarray(values), dtype=like.dtype, device=like.device)
+        return values.to(dtype=like.dtype, device=like.device, non_blocking=True)
+    return torch.tensor(np.asarray(values), dtype=like.dtype).to(like.device, non_blocking=True)
 
 
 def sigma_batch(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import trange
 
 from .core import Callback, Denoiser, analytic_denoised, as_tensor, direction, repeat_condition, sigma_batch
+from .parallel import PointShard
 
 __all__ = ["TableLike", "epd_step", "epd_sampler_step", "adams_bashforth", "sample_epd"]
 
@@ -40,6 +42,9 @@ class TableLike(Protocol):
     fcn: bool
     max_order: int | None
 
+
+_ZERO_END = ("an EPD step needs sigma_next > 0 (geometric interpolation to 0 is undefined); end the grid at "
+             "sigma_min and use denoise_to_zero instead")
 
 # Adams-Bashforth coefficients for equal steps, newest direction first (iPNDM, spec 4).
 _AB = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -67,19 +72,20 @@ def _row(values: Any, like: torch.Tensor, batch: int, num_points: int) -> torch.
 def epd_step(denoiser: Denoiser, x: torch.Tensor, sigma_cur: float | torch.Tensor, sigma_next: float | torch.Tensor,
              positions: Any, weights: Any, cond: Any = None, *, d_cur: torch.Tensor,
              dir_scales: Any = None, time_scales: Any = None, peek_direction: torch.Tensor | None = None,
-             parallel: bool = True, cond_repeated: Any = None) -> torch.Tensor:
+             parallel: bool = True, cond_repeated: Any = None, shard: PointShard | None = None) -> torch.Tensor:
     """One EPD step (spec 1.1). ``positions``/``weights``/scales: ``[K]`` or per-sample ``[B, K]``.
 
     ``d_cur`` is the direction at ``(x, sigma_cur)``; ``peek_direction`` (default ``d_cur``) is the one used
     to reach the intermediate points (the iPNDM plugin passes its Adams-Bashforth extrapolation).
     ``parallel=True`` evaluates the K points in one ``B*K`` call, ``False`` in K calls; both give the same
     result. ``cond_repeated`` lets a sampler repeat the condition once for all steps.
+    ``shard`` (:mod:`solvers.parallel`) evaluates only this process's share of the K points and all-reduces
+    the weighted sum; ``cond_repeated`` must then match that share.
     """
     t_c = torch.as_tensor(sigma_cur, dtype=x.dtype, device=x.device)
     t_n = torch.as_tensor(sigma_next, dtype=x.dtype, device=x.device)
-    if not bool(t_n > 0):
-        raise ValueError("an EPD step needs sigma_next > 0 (geometric interpolation to 0 is undefined); "
-                         "end the grid at sigma_min and use denoise_to_zero instead")
+    if t_n.device.type == "cpu" and not bool(t_n > 0):   # on a GPU this would stall the queue: sample_epd checks
+        raise ValueError(_ZERO_END)
     batch = x.shape[0]
     r = as_tensor(positions, x)
     num_points = r.shape[-1]
@@ -87,6 +93,14 @@ def epd_step(denoiser: Denoiser, x: torch.Tensor, sigma_cur: float | torch.Tenso
     w = _row(weights, x, batch, num_points)
     c = None if dir_scales is None else _row(dir_scales, x, batch, num_points)
     a = None if time_scales is None else _row(time_scales, x, batch, num_points)
+    if shard is not None:
+        share = shard.local(num_points)
+        num_points = len(range(num_points)[share])
+        if num_points == 0:   # more processes than points: contribute nothing, but take part in the reduction
+            return x + (t_n - t_c) * shard.reduce(torch.zeros_like(x))
+        r, w = r[:, share], w[:, share]
+        c = None if c is None else c[:, share]
+        a = None if a is None else a[:, share]
 
     t_mid = t_n ** r * t_c ** (1 - r)                                       # [B, K]
     t_eval = t_mid if a is None else a * t_mid
@@ -104,14 +118,16 @@ def epd_step(denoiser: Denoiser, x: torch.Tensor, sigma_cur: float | torch.Tenso
     d_mid = (x_mid - denoised) / t_mid.view(batch, num_points, *expand)
     coef = w if c is None else w * c
     combined = (coef.view(batch, num_points, *expand) * d_mid).sum(dim=1)
+    if shard is not None:
+        combined = shard.reduce(combined)
     return x + (t_n - t_c) * combined
 
 
 def epd_sampler_step(denoiser: Denoiser, x: torch.Tensor, sigma_cur: Any, sigma_next: Any, positions: Any,
                      weights: Any, cond: Any = None, *, dir_scales: Any = None, time_scales: Any = None,
                      analytic: bool = False, flow: bool = False, history: list[torch.Tensor] | None = None,
-                     max_order: int = 0, parallel: bool = True,
-                     cond_repeated: Any = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+                     max_order: int = 0, parallel: bool = True, cond_repeated: Any = None,
+                     shard: PointShard | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """One step of the EPD sampler, shared by :func:`sample_epd` and the Stage-1 trainer.
 
     Evaluates the current direction (or the AFS estimate when ``analytic``), extrapolates the peek direction
@@ -128,7 +144,7 @@ def epd_sampler_step(denoiser: Denoiser, x: torch.Tensor, sigma_cur: Any, sigma_
     peek = adams_bashforth(d_cur, history, max_order) if max_order > 0 else None
     x_next = epd_step(denoiser, x, sigma_cur, sigma_next, positions, weights, cond, d_cur=d_cur,
                       dir_scales=dir_scales, time_scales=time_scales, peek_direction=peek, parallel=parallel,
-                      cond_repeated=cond_repeated)
+                      cond_repeated=cond_repeated, shard=shard)
     if max_order > 1:
         history = (history + [d_cur])[-(max_order - 1):]
     return x_next, denoised, history
@@ -137,39 +153,49 @@ def epd_sampler_step(denoiser: Denoiser, x: torch.Tensor, sigma_cur: Any, sigma_
 def sample_epd(denoiser: Denoiser, x: torch.Tensor, table: TableLike, cond: Any = None, *,
                parallel: bool = True, afs: bool | None = None, flow: bool = False,
                denoise_to_zero: bool = False, callback: Callback | None = None,
-               disable: bool = True) -> torch.Tensor:
+               disable: bool = True, shard: PointShard | None = None) -> torch.Tensor:
     """Integrate from ``table.sigmas[0]`` to ``table.sigmas[-1]`` with EPD (or the iPNDM plugin).
 
     ``x`` is the initial state (``noise * sigmas[0]``; for flow matching sigma_0 = 1, so just the noise).
     The grid is the table's own: a table is only valid on the grid it was fitted on. ``afs`` defaults to the
     table's flag; ``flow`` selects the flow-matching AFS estimate. The plugin (``table.solver == "ipndm"``)
     peeks along the Adams-Bashforth direction of the last ``max_order - 1`` current directions (spec 4).
-    ``denoise_to_zero`` adds one evaluation ``x <- D(x, sigma_last)``.
+    ``denoise_to_zero`` adds one evaluation ``x <- D(x, sigma_last)``. ``shard`` splits the K points across
+    processes (:mod:`solvers.parallel`); every process must pass the same ``x`` and ``cond``.
+
+    The table and grid are moved to ``x``'s device once and checked once, so the loop itself never waits for
+    the device (no host synchronisation between network calls).
     """
+    raw = table.sigmas
+    grid = np.asarray(raw.detach().cpu() if isinstance(raw, torch.Tensor) else raw, dtype=np.float64)
+    num_rows = len(grid) - 1
+    if num_rows < 1 or not (grid[1:] > 0).all():
+        raise ValueError(_ZERO_END if num_rows >= 1 else "the table's grid needs at least two points")
     sigmas = as_tensor(table.sigmas, x)
-    num_rows = len(sigmas) - 1
     positions = as_tensor(table.positions, x)
     if positions.shape[0] != num_rows:
         raise ValueError(f"table has {positions.shape[0]} rows but its grid has {num_rows} steps")
+    weights = as_tensor(table.weights, x)
+    dir_scales = None if table.dir_scales is None else as_tensor(table.dir_scales, x)
+    time_scales = None if table.time_scales is None else as_tensor(table.time_scales, x)
     use_afs = table.afs if afs is None else afs
     plugin = getattr(table, "solver", "epd") == "ipndm"
     max_order = int(getattr(table, "max_order", None) or 4) if plugin else 1
     num_points = positions.shape[-1]
-    cond_repeated = repeat_condition(cond, num_points) if parallel else None
+    local = num_points if shard is None else len(range(num_points)[shard.local(num_points)])
+    cond_repeated = repeat_condition(cond, local) if parallel and local else None
     history: list[torch.Tensor] = []
-
-    def row(values: Any, i: int) -> Any:
-        return None if values is None else as_tensor(values, x)[i]
 
     for i in trange(num_rows, disable=disable, desc="EPD", leave=False):
         t_c, t_n = sigmas[i], sigmas[i + 1]
-        dir_scales = row(table.dir_scales, i)
+        step_dir_scales = None if dir_scales is None else dir_scales[i]
         if table.fcn and i == num_rows - 1:
-            dir_scales = None  # "fcn": the final step uses unscaled directions (spec 1.1)
+            step_dir_scales = None  # "fcn": the final step uses unscaled directions (spec 1.1)
         x, denoised, history = epd_sampler_step(
-            denoiser, x, t_c, t_n, positions[i], row(table.weights, i), cond, dir_scales=dir_scales,
-            time_scales=row(table.time_scales, i), analytic=use_afs and i == 0, flow=flow, history=history,
-            max_order=max_order if plugin else 0, parallel=parallel, cond_repeated=cond_repeated)
+            denoiser, x, t_c, t_n, positions[i], weights[i], cond, dir_scales=step_dir_scales,
+            time_scales=None if time_scales is None else time_scales[i], analytic=use_afs and i == 0, flow=flow,
+            history=history, max_order=max_order if plugin else 0, parallel=parallel, cond_repeated=cond_repeated,
+            shard=shard)
         if callback is not None:
             callback({"i": i, "x": x, "sigma": t_c, "sigma_next": t_n, "denoised": denoised})
     if denoise_to_zero:

@@ -5,6 +5,10 @@ This reader never imports or executes anything a pickle names: ``find_class`` an
 whitelist of harmless re-implementations (tensor rebuilders in numpy, a holder for the persistent record,
 inert stubs for ``nn.Sigmoid``/``nn.Softmax`` and the sampler functions the ICCV loss object names) and
 refuses every other global with :class:`UnsafePickleError` before anything is called.
+
+The machinery is shared: :class:`RestrictedUnpickler` / :func:`restricted_load` take any whitelist, and
+:data:`BASE_GLOBALS` (the persistence holder, the tensor rebuilders, ``OrderedDict``) is the part every
+``torch_utils.persistence`` pickle needs; :mod:`backends.edm_checkpoint` extends it for NVIDIA's EDM networks.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["UnsafePickleError", "PersistentRecord", "OfficialSnapshot", "read_official", "globals_in_pickle"]
+__all__ = ["UnsafePickleError", "PersistentRecord", "OfficialSnapshot", "read_official", "globals_in_pickle",
+           "InertStub", "inert_class", "BASE_GLOBALS", "RestrictedUnpickler", "restricted_load"]
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -68,7 +73,7 @@ class _LegacyStreamUnpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
             raise UnsafePickleError(f"unexpected persistent id {pid!r} in a tensor storage stream. "
                                     "Nothing was executed.")
-        storage_type, key, _location, numel = pid[1], str(pid[2]), pid[3], int(pid[4])
+        storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])   # pid[3] is the device: irrelevant here
         if not isinstance(storage_type, _StorageType):
             raise UnsafePickleError(f"unexpected storage type {storage_type!r}")
         if key not in self.storages:
@@ -154,7 +159,8 @@ class InertStub:
         return f"<inert {self.qualname}>"
 
 
-def _stub(module: str, name: str) -> type:
+def inert_class(module: str, name: str) -> type:
+    """A fresh :class:`InertStub` subclass standing in for ``module.name``."""
     return type(name, (InertStub,), {"qualname": f"{module}.{name}"})
 
 
@@ -162,35 +168,56 @@ _SAMPLER_NAMES = {"epd_sampler", "epd_parallel_sampler", "heun_sampler", "ipndm_
                   "dpm_sampler_2", "dpm_2_sampler", "dpm_pp_sampler", "euler_sampler", "edm_sampler",
                   "ddim_sampler", "amed_sampler"}
 
-_ALLOWED: dict[tuple[str, str], Any] = {
+# What every torch_utils.persistence pickle needs: the persistent-object holder and torch's tensor reductions.
+BASE_GLOBALS: dict[tuple[str, str], Any] = {
     ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent_obj,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _load_from_bytes,
     ("collections", "OrderedDict"): OrderedDict,
-    ("torch.nn.modules.activation", "Sigmoid"): _stub("torch.nn.modules.activation", "Sigmoid"),
-    ("torch.nn.modules.activation", "Softmax"): _stub("torch.nn.modules.activation", "Softmax"),
-    **{("solvers", n): _stub("solvers", n) for n in _SAMPLER_NAMES},
+}
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    **BASE_GLOBALS,
+    ("torch.nn.modules.activation", "Sigmoid"): inert_class("torch.nn.modules.activation", "Sigmoid"),
+    ("torch.nn.modules.activation", "Softmax"): inert_class("torch.nn.modules.activation", "Softmax"),
+    **{("solvers", n): inert_class("solvers", n) for n in _SAMPLER_NAMES},
 }
 
 
-class _OfficialUnpickler(pickle.Unpickler):
-    def __init__(self, stream: Any, source: str):
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler whose ``find_class`` answers only from ``allowed`` (``(module, name) -> object``) and never
+    imports; any other global, and any persistent id, raises :class:`UnsafePickleError` before it is called.
+    ``what`` names the format in the error message."""
+
+    def __init__(self, stream: Any, source: str, allowed: dict[tuple[str, str], Any] | None = None,
+                 what: str = "the expected format"):
         super().__init__(stream)
-        self.source = source
+        self.source, self.allowed, self.what = source, allowed if allowed is not None else BASE_GLOBALS, what
 
     def find_class(self, module: str, name: str) -> Any:
-        found = _ALLOWED.get((module, name))
+        found = self.allowed.get((module, name))
         if found is None:
             raise UnsafePickleError(
                 f"refusing to load {self.source}: it references the global {module}.{name}, which is not part of "
-                "the authors' predictor format and could run code. Nothing was executed.")
+                f"{self.what} and could run code. Nothing was executed.")
         return found
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafePickleError(f"refusing to load {self.source}: unexpected persistent id {pid!r}. "
                                 "Nothing was executed.")
+
+
+def restricted_load(data: bytes, source: str, allowed: dict[tuple[str, str], Any],
+                    what: str = "the expected format") -> Any:
+    """Unpickle ``data`` with :class:`RestrictedUnpickler` (``source`` names the file in errors)."""
+    return RestrictedUnpickler(io.BytesIO(data), source, allowed, what).load()
+
+
+class _OfficialUnpickler(RestrictedUnpickler):
+    def __init__(self, stream: Any, source: str):
+        super().__init__(stream, source, _ALLOWED, "the authors' predictor format")
 
 
 @dataclass
