@@ -16,6 +16,19 @@
 #   NPROC_PER_NODE (1), RDPO_ARGS (extra launcher flags, e.g. "--max-steps 100")
 #   SD15_MODEL_PATH SD3_MODEL_PATH FLUX_MODEL_PATH        local diffusers folders (read by the backends)
 #   PYTHON WEIGHTS_DIR RESULTS_DIR EXPS_DIR FID_REF FID_KID  see scripts/pipeline_common.sh
+#
+# Targets (instead of the pipeline above; docs/reproduce_iccv.md):
+#   ./launch.sh reproduce_iccv DATASET METHOD NFE [FLAGS]   one cell of the ICCV paper's Table 1: sample 50k images
+#       (resumable), FID against the reference, "ours X | paper Y", $ICCV_OUTDIR/<dataset>/<method>-nfe<N>/fid.json
+#   ./launch.sh reproduce_iccv_row DATASET METHOD [FLAGS]   the same for NFE 3, 5, 7 and 9 (a row of the table)
+#   ./launch.sh help                                       this text
+#   DATASET: cifar10 ffhq imagenet64 lsun_bedroom (digits: the offline analytic model); METHOD: epd epd_plugin
+#   ddim edm dpm2 dpmpp3m unipc ipndm (a comma list, or all); FLAGS go to scripts/reproduce_iccv.py, e.g.
+#   --model_path NET.pkl --ref REF.npz --num-images 10000 --batch 256. With NPROC_PER_NODE > 1 it runs under
+#   torchrun (every GPU samples its share of the seeds; rank 0 computes FID). Defaults: networks in
+#   $EDM_MODELS_DIR (weights/edm), references in $FID_REFS_DIR (weights/fid-refs), results in $ICCV_OUTDIR
+#   ($RESULTS_DIR/iccv), Inception weights in $WEIGHTS_DIR (pt_inception-2015-12-05-6726825d.pth). Paths are
+#   relative to the checkout (launch.sh runs there).
 set -euo pipefail
 cd "$(dirname "$0")"
 # shellcheck source=scripts/pipeline_common.sh
@@ -27,6 +40,33 @@ SEEDS=${SEEDS:-0-999}
 NPROC_PER_NODE=${NPROC_PER_NODE:-1}
 
 die() { echo "error: $*" >&2; exit 2; }
+
+# The targets ------------------------------------------------------------------------------------------------------
+run_reproduce_iccv() {
+  local args=(--outdir "${ICCV_OUTDIR:-$RESULTS_DIR/iccv}" --cache-dir "$WEIGHTS_DIR" "$@")
+  if [ "$NPROC_PER_NODE" -gt 1 ]; then
+    torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" scripts/reproduce_iccv.py "${args[@]}"
+  else
+    "$PYTHON" scripts/reproduce_iccv.py "${args[@]}"
+  fi
+}
+
+case "${1:-}" in
+  "") ;;  # the pipeline below
+  reproduce_iccv)
+    [ $# -ge 4 ] || die "usage: ./launch.sh reproduce_iccv DATASET METHOD NFE [FLAGS] (./launch.sh help)"
+    run_reproduce_iccv --dataset "$2" --method "$3" --nfe "$4" "${@:5}"
+    exit $? ;;
+  reproduce_iccv_row)
+    [ $# -ge 3 ] || die "usage: ./launch.sh reproduce_iccv_row DATASET METHOD [FLAGS] (./launch.sh help)"
+    run_reproduce_iccv --dataset "$2" --method "$3" --all "${@:4}"
+    exit $? ;;
+  help | -h | --help)
+    sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+    exit 0 ;;
+  *) die "unknown target '$1' (reproduce_iccv, reproduce_iccv_row, help; no argument: the pipeline)" ;;
+esac
+
 wants() { [[ " $MODELS " == *" $1 "* ]]; }
 sample_name() { if [ "$1" = flux_dev ]; then echo flux; else echo "$1"; fi; }
 

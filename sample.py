@@ -5,6 +5,8 @@
     python sample.py --predictor_path sd15-best.pkl --model_path weights/stable-diffusion-v1-5 \
         --prompt-file src/prompts/eval.txt --seeds 0-99 --batch 16
     torchrun --nproc_per_node=4 sample.py --predictor_path sd3-1024-best.pkl --model_path weights/sd3-medium ...
+    python sample.py --predictor_path 00010-imagenet64-4-5-epd-uni1.0-afs.pkl \
+        --model_path weights/edm/edm-imagenet-64x64-cond-adm.safetensors --seeds 0-49999 --batch 256
 
 Flag names follow the authors' ``sample.py``. The backend is the table's (``--backend`` may only restate it;
 with ``--solver`` it chooses). Each image is written as ``<seed>.png`` (in per-1000 sub-folders unless
@@ -32,9 +34,10 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from backends import ANALYTIC_MODELS, canonical_backend, load_backend, options_from_table
+from backends import ANALYTIC_MODELS, EDM_DATASET_ALIASES, canonical_backend, load_backend, options_from_table
 from solvers.core import parse_seeds, seeded_noise
 from solvers.epd import sample_epd
+from solvers.parallel import DistributedPoints
 from solvers.registry import eval_count, get_solver
 from solvers.schedules import SCHEDULES, ScheduleSpec, default_rho, make_sigmas
 from solvers.table import PredictorTable, TableError, UnsafePickleError, load_table
@@ -123,14 +126,19 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--schedule", default="default", choices=("default",) + SCHEDULES,
                         help="baseline grid; default: the backend's own (tables always use theirs)")
     parser.add_argument("--rho", type=float, help="baseline grid rho (default 7 for polynomial, else 1)")
+    parser.add_argument("--afs", action="store_true",
+                        help="baseline: analytic first step (spec 1.3), one evaluation fewer (how two-evaluation "
+                             "solvers reach an odd NFE); a table carries its own flag")
     parser.add_argument("--grid-variant", default="correct", choices=("correct", "official"),
                         help="baseline grid: correct, or the authors' (spec 9.7-9.9)")
     parser.add_argument("--model_path", "--model-id", "--model_id", dest="model_path",
                         help="local diffusers folder (SD1.5 also a .ckpt/.safetensors), or a repo id already in "
                              "the local Hugging Face cache; default $SD15_MODEL_PATH / $SD3_MODEL_PATH / "
-                             "$FLUX_MODEL_PATH, then the table's model id")
-    parser.add_argument("--backend", help="ldm (sd15), sd3, flux, digits, gmm: with --solver it chooses; with a "
-                                          "table it must match the table's")
+                             "$FLUX_MODEL_PATH, then the table's model id. EDM: NVIDIA's .pkl or a converted "
+                             ".safetensors; default $EDM_<DATASET>_PATH, then weights/edm/ (docs/edm.md)")
+    parser.add_argument("--backend", help="ldm (sd15), sd3, flux, edm (or cifar10, ffhq, afhqv2, imagenet64), "
+                                          "digits, gmm: with --solver it chooses; with a table it must match the "
+                                          "table's")
     parser.add_argument("--backend-config", help="JSON object merged over the table's backend_config")
     parser.add_argument("--resolution", type=int, help="image size in pixels (SD3: 512 or 1024; a table's must match)")
     parser.add_argument("--use_fp16", nargs="?", const=True, default=None, type=str2bool,
@@ -138,11 +146,20 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                              "half on CUDA, float32 on CPU. The ODE state is float32 either way")
     parser.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available; LOCAL_RANK under torchrun)")
     parser.add_argument("--batch", type=int, default=64, help="maximum images per batch (per process)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="replay the network calls from CUDA graphs (ldm/sd3/flux on a GPU: removes the launch "
+                             "overhead that dominates at small batches; same images within fp16 rounding)")
+    parser.add_argument("--shard-points", action="store_true",
+                        help="under torchrun: every process samples the same images and evaluates its share of the "
+                             "K parallel EPD points (latency of one image, not throughput); rank 0 writes them")
     parser.add_argument("--max-batch", type=int, help="maximum rows per network call (CFG and the K parallel EPD "
                                                       "points multiply rows; larger calls are split)")
     parser.add_argument("--seeds", default="0-63", help="e.g. 0-19,25,30-31")
     parser.add_argument("--prompt", help="one prompt for every image (analytic models: a digit, or '' for any)")
     parser.add_argument("--prompt-file", type=Path, help=".txt (one per line) or .csv with a text/prompt/caption column")
+    parser.add_argument("--class", dest="class_label", type=int,
+                        help="one class label for every image (class-conditional models: ImageNet-64 EDM, the digits); "
+                             "default for ImageNet-64: a random label per seed, as EDM's generate.py")
     parser.add_argument("--outdir", type=Path, help="default: samples/<backend>/<solver>_nfe<N>")
     parser.add_argument("--grid", action="store_true", help="also write grid.png of the first 256 seeds")
     parser.add_argument("--subdirs", action=argparse.BooleanOptionalAction, default=True,
@@ -168,6 +185,8 @@ def _backend_from(args: argparse.Namespace, table: PredictorTable | None, device
         raise ValueError(f"the table was fitted for the {table_backend!r} backend (its grid and positions belong to "
                          f"that model); --backend {args.backend!r} does not match")
     config = options_from_table(name, meta.get("backend_config"), meta.get("guidance_rate")) if table_backend else {}
+    if args.backend in EDM_DATASET_ALIASES:      # --backend cifar10: the EDM backend with that data set's network
+        config.setdefault("dataset", args.backend)
     if args.backend_config:
         try:
             override = json.loads(args.backend_config)
@@ -202,6 +221,10 @@ def _backend_from(args: argparse.Namespace, table: PredictorTable | None, device
             config["device"] = str(device)
         if args.max_batch:
             config["max_batch"] = args.max_batch
+        if args.cuda_graphs:
+            config["cuda_graphs"] = True
+    if args.cuda_graphs and name in ANALYTIC_MODELS:
+        raise ValueError("--cuda-graphs applies to network backends (ldm, sd3, flux), not the analytic models")
     return load_backend(name, **config), name, config
 
 
@@ -232,6 +255,8 @@ def _barrier(world: int) -> None:
 
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     args = (parser or build_parser()).parse_args(argv)
+    # A caller that set up the process group (scripts/reproduce_iccv.py runs several cells) keeps it.
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     rank, world, device = _distributed()
     if args.device:
         device = torch.device(args.device)
@@ -241,15 +266,23 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
             raise ValueError("give either --predictor_path (EPD table) or --solver with --steps (baseline)")
         if args.batch < 1:
             raise ValueError("--batch must be >= 1")
-        if args.prompt is not None and args.prompt_file is not None:
-            raise ValueError("give --prompt or --prompt-file, not both")
+        if args.shard_points and not args.predictor_path:
+            raise ValueError("--shard-points splits the K points of an EPD table; it needs --predictor_path")
+        if sum(v is not None for v in (args.prompt, args.prompt_file, args.class_label)) > 1:
+            raise ValueError("give one of --prompt, --prompt-file and --class")
+        if args.class_label is not None:
+            args.prompt = str(args.class_label)
         prompts = [args.prompt] if args.prompt is not None else (read_prompts(args.prompt_file) if args.prompt_file else [""])
         table = load_table(resolve_predictor_path(args.predictor_path)) if args.predictor_path else None
+        if table is not None and args.afs:
+            raise ValueError("--afs is a baseline option; a table carries its own AFS flag")
         if table is None:
             if not args.steps or args.steps < 1:
                 raise ValueError("--solver needs --steps >= 1")
             solver = get_solver(args.solver)
         backend, backend_name, backend_config = _backend_from(args, table, device)
+        if args.class_label is not None and getattr(backend, "num_classes", None) == 0:
+            raise ValueError(f"--class {args.class_label}: the {backend_name} model is unconditional")
         if table is None:
             spec = _baseline_schedule(args, backend)
             sigmas = make_sigmas(spec, alphas_cumprod=getattr(backend, "alphas_cumprod", None)).numpy()
@@ -257,7 +290,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         else:
             sigmas = table.sigmas
             solver_label = "epd" if table.solver == "epd" else "epd_plugin"
-    except (ValueError, KeyError, FileNotFoundError, TableError, UnsafePickleError) as err:
+    except (ValueError, KeyError, FileNotFoundError, NotImplementedError, TableError, UnsafePickleError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -265,13 +298,16 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     dtype = getattr(backend, "state_dtype", torch.float32)
     place = getattr(backend, "device", torch.device("cpu"))
 
+    shard = DistributedPoints() if args.shard_points and world > 1 else None
+    writer = rank == 0 or shard is None          # with sharded points every rank makes the same images
+
     def run(noise: torch.Tensor, cond: Any) -> torch.Tensor:
         x = noise * float(sigmas[0])
         if table is not None:
-            return sample_epd(backend, x, table, cond, flow=flow)
-        return solver(backend, x, sigmas, cond, flow=flow)
+            return sample_epd(backend, x, table, cond, flow=flow, shard=shard)
+        return solver(backend, x, sigmas, cond, flow=flow, afs=args.afs)
 
-    nfe = table.eval_count() if table is not None else eval_count(solver.name, sigmas)
+    nfe = table.eval_count() if table is not None else eval_count(solver.name, sigmas, afs=args.afs)
     cfg_rows = 2 if getattr(backend, "guided", False) else 1
     outdir = args.outdir or Path("samples") / backend_name / f"{solver_label}_nfe{nfe.sequential}"
 
@@ -280,7 +316,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         return folder / f"{seed:06d}.png"
 
     # Deal seeds to ranks before skipping finished ones, so a resumed run keeps the same assignment.
-    mine = [(i, s) for i, s in enumerate(seeds) if i % world == rank]
+    mine = [(i, s) for i, s in enumerate(seeds) if shard is not None or i % world == rank]
     todo = [(i, s) for i, s in mine if not (image_path(s).is_file() and image_path(s).with_suffix(".json").is_file())]
     if rank == 0:
         share = f" (rank 0's share; {world} processes)" if world > 1 else ""
@@ -298,17 +334,29 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
             batch_seeds = [s for _, s in chunk]
             batch_prompts = [prompts[i % len(prompts)] for i, _ in chunk]
             noise = seeded_noise(batch_seeds, tuple(backend.shape), dtype, device=place)
+            if getattr(backend, "conditions_from_seeds", False):   # e.g. a random class label per seed (EDM)
+                cond = backend.encode_prompts(batch_prompts, seeds=batch_seeds)
+            else:
+                cond = backend.encode_prompts(batch_prompts)
+            labels = cond.tolist() if isinstance(cond, torch.Tensor) and cond.dtype == torch.long else None
             with torch.no_grad():
-                images = to_uint8(backend.decode(run(noise, backend.encode_prompts(batch_prompts))))
-            upscale = args.upscale or max(1, 64 // images.shape[2])
-            for seed, prompt, array in zip(batch_seeds, batch_prompts, images):
+                latents = run(noise, cond)
+                if not writer:
+                    bar.update(len(chunk))
+                    continue
+                images = to_uint8(backend.decode(latents))
+            upscale = args.upscale or getattr(backend, "save_upscale", None) or max(1, 64 // images.shape[2])
+            for j, (seed, prompt, array) in enumerate(zip(batch_seeds, batch_prompts, images)):
                 path = image_path(seed)
                 _atomic_bytes(path, lambda tmp, a=array: _pil(a, upscale).save(tmp, format="PNG"))
                 sidecar = {"seed": seed, "prompt": prompt, "solver": solver_label, "table": table_info,
                            "nfe": {"sequential": nfe.sequential, "total": nfe.total,
                                    "network_rows_per_evaluation": cfg_rows},
+                           "afs": bool(table.afs if table is not None else args.afs),
                            "sigmas": [float(s) for s in sigmas], "backend": backend_name,
                            "backend_config": saved_config, "guidance": getattr(backend, "guidance", None)}
+                if labels is not None:
+                    sidecar["class_label"] = labels[j]
                 _atomic_bytes(path.with_suffix(".json"),
                               lambda tmp, d=sidecar: Path(tmp).write_text(json.dumps(d, indent=1, default=str)))
             bar.update(len(chunk))
@@ -321,7 +369,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         _atomic_bytes(grid_path, lambda tmp: _pil(make_grid(arrays), 1).save(tmp, format="PNG"))
         print(f"grid: {grid_path}")
     print(f"{f'rank {rank}: ' if world > 1 else ''}sampled {len(todo)} images in {elapsed:.2f} s; images in {outdir}/")
-    if world > 1:
+    if world > 1 and owns_group:
         import torch.distributed as dist
 
         dist.destroy_process_group()

@@ -5,6 +5,12 @@ or flow-matching states with ``D = x - sigma v``; ARCHITECTURE.md).
 * ``ldm`` (:mod:`backends.ldm`): Stable Diffusion 1.5; ``sd3`` (:mod:`backends.sd3`); ``flux``
   (:mod:`backends.flux`). They load diffusers pipelines from local paths only, or wrap a pipeline the caller
   already has (:func:`backend_from_pipeline`).
+* ``edm`` (:mod:`backends.edm`): NVIDIA's EDM pixel networks (CIFAR-10, FFHQ, AFHQv2, ImageNet-64), from their
+  ``.pkl`` read without executing it or from a converted ``.safetensors``; the data-set names are aliases that
+  also pick the data set's network. ``lsun_ldm`` (the ICCV LSUN-Bedroom latent model) is not available yet:
+  loading it raises :class:`NotImplementedError` (docs/edm.md says what is missing).
+* ``digits_edm`` (:mod:`backends.digits_edm`): our small EDM network trained on the digits (16x16), the second
+  embedded default; its weights are committed under ``exps/digits_edm/``.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ from typing import Any
 from .analytic import ANALYTIC_MODELS, AnalyticDiffusion, make_analytic
 
 __all__ = ["ANALYTIC_MODELS", "AnalyticDiffusion", "make_analytic", "load_backend", "backend_from_pipeline",
-           "BACKENDS", "canonical_backend", "options_from_table"]
+           "BACKENDS", "EDM_DATASET_ALIASES", "canonical_backend", "options_from_table"]
 
-BACKENDS = ("ldm", "sd3", "flux") + ANALYTIC_MODELS
+BACKENDS = ("ldm", "sd3", "flux", "edm", "digits_edm") + ANALYTIC_MODELS
+# Data-set names of the authors' ICCV tables (their dataset_name) that stand for an EDM network.
+EDM_DATASET_ALIASES = ("cifar10", "ffhq", "afhqv2", "imagenet64")
 _ALIASES = {"sd15": "ldm", "sd1.5": "ldm", "stable-diffusion": "ldm", "sd3-512": "sd3", "sd3-1024": "sd3",
-            "flux-dev": "flux"}
+            "flux-dev": "flux", "lsun_bedroom_ldm": "lsun_ldm", **{name: "edm" for name in EDM_DATASET_ALIASES}}
 
 
 def canonical_backend(name: str) -> str:
@@ -67,7 +75,13 @@ def load_backend(name: str, **config: Any) -> Any:
     Text-to-image: ``ldm``/``sd3``/``flux`` with ``model_path`` (a local diffusers folder; SD1.5 also takes a
     single ``.ckpt``/``.safetensors`` plus ``config``), ``device``, ``dtype`` (auto/float16/bfloat16/float32),
     ``offload`` (none/model/sequential), ``guidance``, ``resolution``, ``max_batch``, ``negative_prompt``.
+    Pixel EDM: ``edm`` (or a data-set alias, which sets ``dataset``) with ``model_path`` (``.pkl`` or converted
+    ``.safetensors``), ``dataset``, ``device``, ``dtype`` (auto/float16/float32), ``max_batch``, ``resolution``
+    (:func:`backends.edm.load_edm_backend`). ``digits_edm``: the committed digits network, or ``model_path``
+    (:func:`backends.digits_edm.load_digits_edm`), with ``device``, ``dtype``, ``max_batch``, ``guidance``.
     """
+    if name in EDM_DATASET_ALIASES:
+        config.setdefault("dataset", name)
     name = canonical_backend(name)
     if name == "analytic":
         name = config.pop("model", "digits")
@@ -85,6 +99,19 @@ def load_backend(name: str, **config: Any) -> Any:
         from .flux import load_flux
 
         return load_flux(**config)
+    if name == "edm":
+        from .edm import load_edm_backend
+
+        return load_edm_backend(**config)
+    if name == "digits_edm":
+        from .digits_edm import load_digits_edm
+
+        return load_digits_edm(**config)
+    if name == "lsun_ldm":
+        raise NotImplementedError(
+            "the lsun_ldm backend (the ICCV LSUN-Bedroom latent diffusion model, CompVis lsun_bedrooms-ldm-vq-4) "
+            "is not implemented: its checkpoint needs a conversion that is not part of this repository; "
+            "docs/edm.md ('LSUN-Bedroom') says exactly what is missing")
     raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
 
 

@@ -342,6 +342,23 @@ def _official_grid(snapshot: OfficialSnapshot, kwargs: dict, attrs: dict) -> tup
     return make_sigmas(spec).numpy(), spec, "recomputed from the file's schedule settings"
 
 
+# ICCV tables record no backend, only their dataset_name: the pixel data sets ran NVIDIA's EDM networks, LSUN the
+# CompVis latent model (spec 5.1-5.2). The pixel tables get backend_config {"dataset": name}, which picks the
+# data set's network in backends.edm.
+_ICCV_PIXEL_DATASETS = ("cifar10", "ffhq", "afhqv2", "imagenet64")
+_ICCV_BACKENDS = {"lsun_bedroom_ldm": "lsun_ldm"}
+
+
+def _official_backend(kwargs: dict) -> tuple[str, dict]:
+    config = dict(kwargs.get("backend_config") or {})
+    if kwargs.get("backend"):
+        return str(kwargs["backend"]), config
+    dataset = kwargs.get("dataset_name")
+    if dataset in _ICCV_PIXEL_DATASETS and not config:
+        config = {"dataset": dataset}
+    return _ICCV_BACKENDS.get(dataset, "edm"), config
+
+
 def table_from_official(snapshot: OfficialSnapshot) -> PredictorTable:
     """Effective table of an authors' predictor: ``r = sigmoid(r_params)``, ``w = softmax(weight_s)``, scales
     only where their flag (= half-width) is nonzero (spec 2.2); the grid from the file or its settings."""
@@ -361,10 +378,11 @@ def table_from_official(snapshot: OfficialSnapshot) -> PredictorTable:
     time_scales = _official_scale(params["scale_time_params"].astype(np.float64), scale_time) if scale_time else None
     sigmas, spec, grid_source = _official_grid(snapshot, kwargs, attrs)
     extra_attrs = {k: v for k, v in attrs.items() if k not in kwargs and k != "training"}
+    backend, backend_config = _official_backend(kwargs)
     metadata = {
         "source": "official release (read without executing its embedded code)", "path": src,
-        "sha256": snapshot.sha256, "backend": kwargs.get("backend", "edm"),
-        "backend_config": dict(kwargs.get("backend_config") or {}), "dataset": kwargs.get("dataset_name"),
+        "sha256": snapshot.sha256, "backend": backend,
+        "backend_config": backend_config, "dataset": kwargs.get("dataset_name"),
         "guidance_type": kwargs.get("guidance_type"), "guidance_rate": kwargs.get("guidance_rate"),
         "teacher": kwargs.get("sampler_tea"), "M": kwargs.get("M"), "alpha": kwargs.get("alpha"),
         "scale_dir_range": scale_dir, "scale_time_range": scale_time, "schedule": spec.to_dict(),
