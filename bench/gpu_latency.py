@@ -258,22 +258,21 @@ def bench_model(name: str, size: str, device: torch.device, rank: int, world: in
 
     times: dict[str, list[float]] = {k: [] for k in list(single) + list(everyone)}
     outputs: dict[str, torch.Tensor] = {}
+    def record(label: str, fn: Callable[[], torch.Tensor], warm_up: bool) -> None:
+        out, seconds = time_once(fn, device)
+        if warm_up:
+            outputs[label] = out
+        else:
+            times[label].append(seconds)
+
     for round_index in range(repeats + 1):          # round 0 warms up (and captures the graphs)
         for label, fn in single.items():
             if rank == 0:
-                out, seconds = time_once(fn, device)
-                if round_index:
-                    times[label].append(seconds)
-                else:
-                    outputs[label] = out
+                record(label, fn, round_index == 0)
             _barrier(world)
         for label, fn in everyone.items():
-            _barrier(world)
-            out, seconds = time_once(fn, device)
-            if round_index:
-                times[label].append(seconds)
-            else:
-                outputs[label] = out
+            _barrier(world)                         # all ranks start together
+            record(label, fn, round_index == 0)
             _barrier(world)
         if rank == 0:
             print(f"{name} round {round_index}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in times.items()

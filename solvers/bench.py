@@ -1,8 +1,9 @@
-"""Exact-reference benchmark of ODE solvers on the embedded analytic models.
+"""Exact-reference benchmark of ODE solvers on the embedded analytic models (and the embedded digits network).
 
     python -m solvers.bench --model gmm --solvers ipndm,dpmpp3m,unipc,dpm2,heun,euler \
         --nfe 3,4,5,6,7,8,10 --num-samples 2000 --json OUT.json [--table NAME=PATH ...] [--seed S] \
         [--schedule KIND [--rho R] | --schedules polynomial,logsnr,time_uniform]
+    python -m solvers.bench --model digits_edm [--model-path FILE] [--device cuda] [--ref-steps 256] ...
 
 For every solver and NFE (the papers' parallel-NFE convention: sequential evaluations), it integrates the
 same noise as the reference, a float64 adaptive solve whose own accuracy is checked and reported, and
@@ -34,6 +35,12 @@ before), ``schedules`` (every schedule's full spec), ``reference``, ``machine``,
   baseline at NFE = the table's total evaluations (its K parallel points counted one by one): the error at
   equal total evaluations.
 
+``--model digits_edm`` benchmarks the trained digits network (:mod:`backends.digits_edm`, 16x16, unconditional:
+label -1), where no exact solution exists: the reference is a fine fixed-step solve on the same network
+(``--ref-solver``, default DPM-Solver++(3M), with ``--ref-steps`` steps on the logSNR grid, float64 state),
+checked against the same solve with half the steps (``check_*`` in the report, as for the adaptive reference);
+FD is to the 1797 digits at 16x16. Network runs use ``--device`` (default CUDA when available).
+
 The markdown shows the best-schedule value per solver and NFE, tagged with the schedule (``poly``, ``logsnr``,
 ``uni``) when several were run, a "best handcrafted at NFE n" line per NFE and one comparison line per table.
 """
@@ -61,9 +68,13 @@ from .registry import get_solver, steps_for_nfe
 from .schedules import ScheduleSpec, default_rho, make_sigmas
 from .table import atomic_write, load_table
 
-__all__ = ["frechet_distance", "run_benchmark", "best_rows", "summarize", "markdown", "plot", "main"]
+__all__ = ["frechet_distance", "run_benchmark", "best_rows", "summarize", "markdown", "plot", "main",
+           "fine_reference", "BENCH_MODELS"]
 
 BENCH_SCHEDULES = ("polynomial", "logsnr", "time_uniform")
+BENCH_MODELS = ("gmm", "digits", "digits_edm")
+NETWORK_MODELS = ("digits_edm",)
+REF_SOLVER, REF_STEPS = "dpmpp3m", 256          # the network models' reference (checked against REF_STEPS / 2)
 SCHEDULE_TAGS = {"polynomial": "poly", "logsnr": "logsnr", "time_uniform": "uni"}
 
 
@@ -108,6 +119,65 @@ def _reference(model: Any, noise: torch.Tensor, sigma_max: float, ends: list[flo
     return report.states, report.as_dict()
 
 
+def fine_reference(model: Any, noise: torch.Tensor, sigma_max: float, ends: list[float], solver: str = REF_SOLVER,
+                   steps: int = REF_STEPS, batch: int = 1000) -> tuple[dict, dict]:
+    """Reference endpoints of a model without an exact solution: ``solver`` with ``steps`` steps on the logSNR
+    grid from ``sigma_max`` to each end (float64 state, ``noise`` on the model's device), and the same with
+    ``steps // 2`` steps as the convergence check. Returns ``({end: state (CPU, float64)}, report)``."""
+    from .schedules import logsnr_sigmas
+
+    run = get_solver(solver)
+    states, coarse = {}, {}
+    for end in ends:
+        fine_out, coarse_out = [], []
+        for chunk in noise.split(batch):
+            x = chunk.double() * sigma_max
+            for n, out in ((steps, fine_out), (steps // 2, coarse_out)):
+                sigmas = logsnr_sigmas(n + 1, float(end), sigma_max).double()
+                with torch.no_grad():
+                    out.append(run(model, x, sigmas).double().cpu())
+        states[float(end)], coarse[float(end)] = torch.cat(fine_out), torch.cat(coarse_out)
+    diffs = [states[s] - coarse[s] for s in states]
+    per_step = get_solver(solver).evals_per_step
+    report = {"method": f"{solver}, {steps} steps on the logSNR grid, float64 state", "solver": solver,
+              "steps": steps, "check_steps": steps // 2, "evals": per_step * (steps + steps // 2) * len(ends),
+              "check_max_abs_diff": max(float(d.abs().max()) for d in diffs),
+              "check_rmse_diff": max(float(d.pow(2).mean().sqrt()) for d in diffs), "sigma_ends": sorted(states)}
+    return states, report
+
+
+def _network_reference(model: Any, noise: torch.Tensor, sigma_max: float, ends: list[float], key: dict,
+                       solver: str, steps: int, batch: int, cache_dir: Path | None) -> tuple[dict, dict]:
+    key = {**key, "network": model.describe().get("file_sha256"), "solver": solver, "steps": steps,
+           "ends": sorted(ends)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    path = None if cache_dir is None else cache_dir / f"reference-{digest}.pt"
+    if path is not None and path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return {float(k): v for k, v in saved["states"].items()}, json.loads(saved["report"])
+    states, report = fine_reference(model, noise, sigma_max, ends, solver, steps, batch)
+    if path is not None:
+        buffer = io.BytesIO()
+        torch.save({"states": {str(k): v for k, v in states.items()}, "report": json.dumps(report)}, buffer)
+        atomic_write(path, buffer.getvalue())
+    return states, report
+
+
+def bench_model(name: str, **options: Any) -> tuple[Any, np.ndarray]:
+    """The model (analytic, or the digits network with ``model_path``/``device`` options) and its data set as
+    rows ``[n, D]`` (float64) for the Frechet distance."""
+    if name in NETWORK_MODELS:
+        from backends.digits_edm import digits_images, load_digits_edm
+
+        model = load_digits_edm(options.get("model_path"), device=options.get("device"), dtype="float32")
+        images, _ = digits_images(int(model.shape[-1]))
+        return model, images.reshape(len(images), -1).double().numpy()
+    from backends.analytic import load_digits_data, make_analytic
+
+    data, _ = load_digits_data()
+    return make_analytic(name), data.reshape(len(data), -1).numpy()
+
+
 class _Job(NamedTuple):
     """One baseline run: a solver at one NFE on one schedule's grid."""
 
@@ -144,15 +214,17 @@ def bench_schedules(kinds: list[str], sigma_min: float, sigma_max: float, rho: f
 def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samples: int = 2000, seed: int = 0,
                   tables: dict[str, str] | None = None, schedule: ScheduleSpec | None = None, afs: bool = False,
                   rtol: float = 1e-7, batch: int = 1000, cache_dir: Path | None = Path(".cache/bench"),
-                  progress: bool = True, schedules: list[ScheduleSpec] | None = None) -> dict:
+                  progress: bool = True, schedules: list[ScheduleSpec] | None = None,
+                  model_options: dict | None = None, ref_solver: str = REF_SOLVER, ref_steps: int = REF_STEPS) -> dict:
     """Run every (solver, NFE, schedule) and every table on the same noise; see the module docstring.
 
     ``schedules`` (several grids, each baseline run on all) replaces ``schedule`` (one grid); with neither, the
-    polynomial grid with rho 7 on the model's range.
+    polynomial grid with rho 7 on the model's range. ``model_options`` (``model_path``, ``device``),
+    ``ref_solver`` and ``ref_steps`` apply to the network models (:data:`NETWORK_MODELS`).
     """
-    from backends.analytic import load_digits_data, make_analytic  # the CLI composes solvers with a backend
-
-    model = make_analytic(model_name)
+    model, data = bench_model(model_name, **(model_options or {}))
+    network = model_name in NETWORK_MODELS
+    place = getattr(model, "device", torch.device("cpu")) if network else torch.device("cpu")
     if schedule is not None and schedules:
         raise ValueError("give either schedule or schedules, not both")
     specs = list(schedules) if schedules else [schedule or bench_schedules(["polynomial"], model.sigma_min, model.sigma_max)[0]]
@@ -171,13 +243,15 @@ def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samp
     # (and its cache key) stays the same; an end that really differs gets its own reference state.
     ends = _unique_sigmas([float(spec.sigma_min) for spec in specs] + [float(job.sigmas[-1]) for job in jobs]
                           + [float(t.sigmas[-1]) for t in loaded.values()])
-    noise = seeded_noise(range(seed, seed + num_samples), model.shape, torch.float64)
+    noise = seeded_noise(range(seed, seed + num_samples), model.shape, torch.float64, device=place)
     key = {"model": model_name, "seed": seed, "num_samples": num_samples, "sigma_max": base.sigma_max}
     t0 = time.perf_counter()
-    states, ref_report = _reference(model, noise, base.sigma_max, ends, key, rtol, cache_dir)
+    if network:
+        states, ref_report = _network_reference(model, noise, base.sigma_max, ends, key, ref_solver, ref_steps,
+                                                batch, cache_dir)
+    else:
+        states, ref_report = _reference(model, noise, base.sigma_max, ends, key, rtol, cache_dir)
     ref_report["seconds"] = round(time.perf_counter() - t0, 2)
-    data, _ = load_digits_data()
-    data = data.reshape(len(data), -1).numpy()
     ref_report["fd_to_data"] = {str(s): frechet_distance(states[s].reshape(num_samples, -1).numpy(), data) for s in ends}
 
     def measure(run: Any, sigma_end: float) -> dict:
@@ -186,10 +260,11 @@ def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samp
         for chunk in noise.split(batch):
             counter.batch_size = chunk.shape[0]
             calls, items = counter.calls, counter.items
-            outputs.append(run(counter, chunk))
+            with torch.no_grad():
+                outputs.append(run(counter, chunk).cpu())
             seq, tot = counter.calls - calls, (counter.items - items) // chunk.shape[0]
         seconds = time.perf_counter() - start
-        out = torch.cat(outputs)
+        out = torch.cat(outputs).double()
         matches = [s for s in states if _same_sigma(s, sigma_end)]
         if not matches:
             raise KeyError(f"no reference state at sigma={sigma_end}")
@@ -215,6 +290,10 @@ def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samp
     bar.close()
     for row in best_rows(results):
         row["best"] = True
+    if network:
+        smallest = min(row["rmse"] for row in results) if results else float("inf")
+        ref_report["converged"] = bool(ref_report["check_rmse_diff"] < 0.01 * smallest)
+        ref_report["network"] = model.describe()
     return {"model": model_name, "num_samples": num_samples, "seed": seed,
             "schedule": base.to_dict(), "schedules": [spec.to_dict() for spec in specs], "reference": ref_report,
             "results": results, "summary": summarize(results), "machine": _machine()}
@@ -318,7 +397,9 @@ def markdown(report: dict) -> str:
     cell = {(r["solver"], r["nfe"]): r for r in kept}
     note = "; best schedule per solver and NFE, by RMSE" if len(_baseline_schedules(results)) > 1 else ""
     lines = []
-    for metric, title in (("rmse", "RMSE to the exact ODE endpoint"), ("fd", "Frechet distance to the data")):
+    exact = "steps" not in report["reference"]   # network models have a fine-solve reference, not an exact one
+    endpoint = "RMSE to the exact ODE endpoint" if exact else "RMSE to the reference ODE endpoint (fine solve)"
+    for metric, title in (("rmse", endpoint), ("fd", "Frechet distance to the data")):
         lines.append(f"**{report['model']}: {title}** ({report['num_samples']} samples, seed {report['seed']}{note})\n")
         lines.append("| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
         lines.append("|---|" + "---|" * len(nfes))
@@ -328,6 +409,12 @@ def markdown(report: dict) -> str:
         lines.append("")
     lines += _comparison_lines(summarize(results), tag)
     ref = report["reference"]
+    if "steps" in ref:   # a network model: fine fixed-step reference
+        lines.append(f"Reference: {ref['method']}; check against {ref['check_steps']} steps: max |diff| "
+                     f"{ref['check_max_abs_diff']:.2e}, RMSE diff {ref['check_rmse_diff']:.2e}"
+                     f"{'' if ref.get('converged', True) else ' (NOT below 1% of the smallest RMSE: not converged)'}; "
+                     f"FD(reference, data) = " + ", ".join(f"{float(v):.4g} at sigma {k}" for k, v in ref["fd_to_data"].items()))
+        return "\n".join(lines)
     lines.append(f"Reference: {ref['method']}, rtol {ref['rtol']:.0e}; check against rtol {ref['check_rtol']:.0e}: "
                  f"max |diff| {ref['check_max_abs_diff']:.2e}, RMSE diff {ref['check_rmse_diff']:.2e}; "
                  f"FD(reference, data) = " + ", ".join(f"{float(v):.4g} at sigma {k}" for k, v in ref["fd_to_data"].items()))
@@ -351,9 +438,11 @@ def plot(report: dict, path: Path) -> None:
         for ax, metric in zip(axes, ("rmse", "fd")):
             ax.plot([r["nfe"] for r in rows], [r[metric] for r in rows], style, label=solver, markersize=8 if style == "*" else 4)
     fd_floor = min(float(v) for v in report["reference"]["fd_to_data"].values())
-    axes[1].axhline(fd_floor, color="grey", ls="--", lw=1, label="exact ODE")
+    exact = "steps" not in report["reference"]
+    axes[1].axhline(fd_floor, color="grey", ls="--", lw=1, label="exact ODE" if exact else "reference ODE")
     several = len(_baseline_schedules(report["results"])) > 1
-    for ax, title in zip(axes, ("RMSE to exact endpoint", "Frechet distance to data")):
+    for ax, title in zip(axes, ("RMSE to exact endpoint" if exact else "RMSE to reference endpoint",
+                                "Frechet distance to data")):
         ax.set_yscale("log")
         ax.set_xlabel("NFE (sequential evaluations)")
         ax.set_title(f"{report['model']}: {title}" + (" (best schedule)" if several else ""))
@@ -371,7 +460,12 @@ def _csv(text: str, cast: Any) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m solvers.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gmm", choices=["gmm", "digits"])
+    parser.add_argument("--model", default="gmm", choices=list(BENCH_MODELS))
+    parser.add_argument("--model-path", help="digits_edm: the network file (default: the committed one)")
+    parser.add_argument("--device", help="digits_edm: cuda or cpu (default: cuda when available)")
+    parser.add_argument("--ref-solver", default=REF_SOLVER, help="digits_edm: the fine reference solver")
+    parser.add_argument("--ref-steps", type=int, default=REF_STEPS,
+                        help="digits_edm: steps of the fine reference (checked against half as many)")
     parser.add_argument("--solvers", default="ipndm,dpmpp3m,unipc,dpm2,heun,euler")
     parser.add_argument("--nfe", default="3,4,5,6,7,8,10")
     parser.add_argument("--num-samples", type=int, default=2000)
@@ -402,13 +496,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--schedules takes a comma list of {', '.join(BENCH_SCHEDULES)} (got {args.schedules!r})")
     if args.rho is not None and len(kinds) > 1:
         parser.error("--rho applies to a single schedule; with --schedules each kind uses its default rho")
-    from backends.analytic import make_analytic
-
-    model = make_analytic(args.model)
+    options = {"model_path": args.model_path, "device": args.device}
+    if args.model not in NETWORK_MODELS and (args.model_path or args.device):
+        parser.error("--model-path and --device apply to the network models (digits_edm)")
+    try:
+        model, _ = bench_model(args.model, **options)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     specs = bench_schedules(kinds, model.sigma_min, model.sigma_max, args.rho)
     report = run_benchmark(args.model, _csv(args.solvers, str), _csv(args.nfe, int), args.num_samples, args.seed,
                            tables, None, args.afs, args.rtol, args.batch,
-                           None if args.no_cache else Path(".cache/bench"), schedules=specs)
+                           None if args.no_cache else Path(".cache/bench"), schedules=specs, model_options=options,
+                           ref_solver=args.ref_solver, ref_steps=args.ref_steps)
     print(markdown(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

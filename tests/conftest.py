@@ -39,3 +39,52 @@ def tiny_model_dirs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny-pipelines")
     return {model: save_random_pipeline(model, root / model, "tiny") for model in ("sd15", "sd3", "flux")}
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket connection fails the test (nothing may be downloaded)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory) -> Path:
+    """A random-weight FID Inception-v3 (built by pytorch_fid itself, He-scaled so features carry signal),
+    saved under the weights manifest's file name."""
+    import torchvision
+    from pytorch_fid import inception as fid_inception
+
+    from training.rewards import weights
+
+    built = {}
+    mp = pytest.MonkeyPatch()
+    try:
+        mp.setattr(fid_inception, "load_state_dict_from_url", lambda *a, **k: None)
+        mp.setattr(torchvision.models.inception.Inception3, "load_state_dict",
+                   lambda self, *a, **k: built.setdefault("net", self))
+        fid_inception.fid_inception_v3()
+    finally:
+        mp.undo()
+    gen = torch.Generator().manual_seed(0)
+    state = built["net"].state_dict()
+    with torch.no_grad():
+        for name, t in state.items():
+            if not t.is_floating_point():
+                continue
+            noise = torch.randn(t.shape, generator=gen)
+            if t.ndim > 1:
+                t.copy_(noise * (2.0 / t[0].numel()) ** 0.5)
+            elif name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+            elif name.endswith("bn.weight"):
+                t.copy_(1.0 + 0.1 * noise)
+            else:
+                t.copy_(0.1 * noise)
+    path = tmp_path_factory.mktemp("fid") / weights.MANIFEST["inception"].path
+    torch.save(state, path)
+    return path

@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
-from pytorch_fid import inception as fid_inception
 
 import sample
 from backends.analytic import load_digits_data
@@ -44,37 +42,6 @@ def _no_weight_env(monkeypatch):
     for item in weights.MANIFEST.values():
         monkeypatch.delenv(item.env, raising=False)
     monkeypatch.delenv(ri.TABLES_ENV, raising=False)
-
-
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory) -> Path:
-    """pytorch_fid's FID Inception with random He-scaled weights, saved under the manifest's file name."""
-    built = {}
-    mp = pytest.MonkeyPatch()
-    try:
-        mp.setattr(fid_inception, "load_state_dict_from_url", lambda *a, **k: None)
-        mp.setattr(torchvision.models.inception.Inception3, "load_state_dict",
-                   lambda self, *a, **k: built.setdefault("net", self))
-        fid_inception.fid_inception_v3()
-    finally:
-        mp.undo()
-    gen = torch.Generator().manual_seed(1)
-    state = built["net"].state_dict()
-    with torch.no_grad():
-        for name, t in state.items():
-            if not t.is_floating_point():
-                continue
-            if t.ndim > 1:
-                t.copy_(torch.randn(t.shape, generator=gen) * (2.0 / t[0].numel()) ** 0.5)
-            elif name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
-            elif name.endswith("bn.weight"):
-                t.copy_(1.0 + 0.1 * torch.randn(t.shape, generator=gen))
-            else:
-                t.copy_(0.1 * torch.randn(t.shape, generator=gen))
-    path = tmp_path_factory.mktemp("inception") / weights.MANIFEST["inception"].path
-    torch.save(state, path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ independently (torchvision transforms on PIL images, the models' own forward pas
 
 from __future__ import annotations
 
-import socket
 
 import numpy as np
 import pytest
@@ -34,13 +33,7 @@ class NotATensor:
         self.payload = 1
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any socket connection fails the test (nothing may be downloaded)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def reference_preprocess(array: np.ndarray, size: int = 224) -> torch.Tensor:

@@ -8,7 +8,6 @@ module tree; strict loading; refusal of pickled models; the condition mask; caus
 from __future__ import annotations
 
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -30,13 +29,7 @@ CROSS_KEYS = {"0.fn.norm.gamma", "0.fn.norm.beta", "0.fn.to_q.weight", "0.fn.to_
               "1.fn.fused_attn_ff_proj.weight", "1.fn.attn_out.weight", "1.fn.ff_out.1.weight"}
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any socket connection fails the test (nothing may be downloaded)."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def tiny_config(tokenizer) -> dict:
