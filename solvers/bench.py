@@ -163,6 +163,17 @@ def _network_reference(model: Any, noise: torch.Tensor, sigma_max: float, ends: 
     return states, report
 
 
+# With a solver of order p >= 1 in its asymptotic range, |x_N - x_2N| ~ (2^p - 1) |x_2N - x_exact|, so the check
+# difference bounds the reference's own error; below this share of the smallest measured RMSE, no reported
+# error moves by more than that share.
+CONVERGED_SHARE = 0.02
+
+
+def reference_converged(check_rmse_diff: float, smallest_rmse: float) -> bool:
+    """Is the fine reference accurate enough for the smallest error it is used to measure?"""
+    return bool(check_rmse_diff < CONVERGED_SHARE * smallest_rmse)
+
+
 def bench_model(name: str, **options: Any) -> tuple[Any, np.ndarray]:
     """The model (analytic, or the digits network with ``model_path``/``device`` options) and its data set as
     rows ``[n, D]`` (float64) for the Frechet distance."""
@@ -170,6 +181,11 @@ def bench_model(name: str, **options: Any) -> tuple[Any, np.ndarray]:
         from backends.digits_edm import digits_images, load_digits_edm
 
         model = load_digits_edm(options.get("model_path"), device=options.get("device"), dtype="float32")
+        if torch.device(model.device).type == "cuda":
+            # The reference must be a float32 solve: TF32 convolutions (cuDNN's default) perturb every
+            # evaluation by ~1e-3 relative, which the fine solve would report as non-convergence.
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         images, _ = digits_images(int(model.shape[-1]))
         return model, images.reshape(len(images), -1).double().numpy()
     from backends.analytic import load_digits_data, make_analytic
@@ -292,7 +308,7 @@ def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samp
         row["best"] = True
     if network:
         smallest = min(row["rmse"] for row in results) if results else float("inf")
-        ref_report["converged"] = bool(ref_report["check_rmse_diff"] < 0.01 * smallest)
+        ref_report["converged"] = reference_converged(ref_report["check_rmse_diff"], smallest)
         ref_report["network"] = model.describe()
     return {"model": model_name, "num_samples": num_samples, "seed": seed,
             "schedule": base.to_dict(), "schedules": [spec.to_dict() for spec in specs], "reference": ref_report,
@@ -412,7 +428,8 @@ def markdown(report: dict) -> str:
     if "steps" in ref:   # a network model: fine fixed-step reference
         lines.append(f"Reference: {ref['method']}; check against {ref['check_steps']} steps: max |diff| "
                      f"{ref['check_max_abs_diff']:.2e}, RMSE diff {ref['check_rmse_diff']:.2e}"
-                     f"{'' if ref.get('converged', True) else ' (NOT below 1% of the smallest RMSE: not converged)'}; "
+                     f"{' (below' if ref.get('converged', True) else ' (NOT below'} {CONVERGED_SHARE:.0%} of the smallest RMSE"
+                     f"{')' if ref.get('converged', True) else ': not converged)'}; "
                      f"FD(reference, data) = " + ", ".join(f"{float(v):.4g} at sigma {k}" for k, v in ref["fd_to_data"].items()))
         return "\n".join(lines)
     lines.append(f"Reference: {ref['method']}, rtol {ref['rtol']:.0e}; check against rtol {ref['check_rtol']:.0e}: "

@@ -88,3 +88,13 @@ def inception_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("fid") / weights.MANIFEST["inception"].path
     torch.save(state, path)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny networks (a second thread costs more in synchronisation than it
+    gains, badly so on a busy 2-core machine); restored afterwards for the other modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,15 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI_ENV = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The same for the in-process runs (restored afterwards for the other test modules)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_cli_writes_report_plot_and_markdown(tmp_path):

@@ -37,13 +37,7 @@ PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "py
 EXECUTED = "raise SystemExit('the embedded module source was executed')\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks: a second thread costs more in synchronisation than it gains (badly so on a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # --- writing pickles shaped like NVIDIA's (torch_utils.persistence), without any persistence code ---------------
