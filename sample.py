@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         backend, backend_name, backend_config = _backend_from(args, table, device)
         if args.class_label is not None and getattr(backend, "num_classes", None) == 0:
             raise ValueError(f"--class {args.class_label}: the {backend_name} model is unconditional")
+        if getattr(backend, "conditions_from_seeds", False):    # cheap label conditions: check them all now
+            distinct = list(dict.fromkeys(prompts))
+            backend.encode_prompts(distinct, seeds=list(range(len(distinct))))
         if table is None:
             spec = _baseline_schedule(args, backend)
             sigmas = make_sigmas(spec, alphas_cumprod=getattr(backend, "alphas_cumprod", None)).numpy()

@@ -508,3 +508,6 @@ def test_backend_loading_options_and_errors(tmp_path, monkeypatch, dataset_netwo
     capsys.readouterr()
     assert sample.main(argv[:-3] + ["--outdir", str(tmp_path / "c"), "--class", "3"]) == 2
     assert "--class 3: the edm model is unconditional" in capsys.readouterr().err
+    # a bad condition stops before any sampling, with exit code 2 (not a traceback from inside the loop)
+    assert sample.main(argv[:-3] + ["--outdir", str(tmp_path / "p"), "--prompt", "a cat"]) == 2
+    assert "unconditional; it takes no prompt" in capsys.readouterr().err and not (tmp_path / "p").exists()
