@@ -5,7 +5,6 @@ and the safetensors export with its CLI."""
 
 from __future__ import annotations
 
-import builtins
 import io
 import json
 import math
@@ -30,6 +29,7 @@ from solvers.core import EvalCounter, repeat_condition, seeded_noise
 from solvers.epd import sample_epd
 from solvers.official import UnsafePickleError, globals_in_pickle
 from solvers.table import PredictorTable, load_table
+from tests.guards import forbid_code_execution
 
 ROOT = Path(__file__).resolve().parents[1]
 ICCV = ROOT.parent / "shared" / "official" / "iccv"
@@ -105,25 +105,9 @@ def edm_pickle_bytes(net: torch.nn.Module) -> bytes:
     return buffer.getvalue()
 
 
-def _forbidden(name):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"{name} was called while reading a network pickle")
-    return refuse
-
-
 def read_guarded(path: Path, monkeypatch):
     """read_edm_pickle with exec/eval/compile/os.system/Popen and imports of the pickle's modules forbidden."""
-    real_import = builtins.__import__
-
-    def guarded_import(name, *args, **kwargs):
-        if name.split(".")[0] in ("torch_utils", "dnnlib", "training") or name not in sys.modules:
-            raise AssertionError(f"reading a network imported {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    for target, attr in [(builtins, "exec"), (builtins, "eval"), (builtins, "compile"), (os, "system"),
-                         (os, "popen"), (subprocess, "Popen")]:
-        monkeypatch.setattr(target, attr, _forbidden(f"{target.__name__}.{attr}"))
-    monkeypatch.setattr(builtins, "__import__", guarded_import)
+    forbid_code_execution(monkeypatch, "network pickle")
     try:
         return read_edm_pickle(path)
     finally:

@@ -1,7 +1,6 @@
 """Predictor tables (spec 2): the authors' 43 released tables read without executing code, exact effective values,
 malicious pickles refused with no side effect, data-only round trips, validation messages, the CLI."""
 
-import builtins
 import collections
 import dataclasses
 import hashlib
@@ -22,6 +21,7 @@ import solvers.official as official
 from solvers.official import UnsafePickleError, globals_in_pickle, read_official
 from solvers.table import (FORMAT, PredictorTable, TableError, load_table, main, save_table, table_from_official,
                            uniform_table)
+from tests.guards import forbid_code_execution
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = Path(__file__).resolve().parents[2] / "shared" / "official"
@@ -113,12 +113,6 @@ def test_the_release_has_43_tables():
     assert len(list(OFFICIAL.glob("iccv/*.pkl"))) == 32
 
 
-def _forbidden(name):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"{name} was called while reading a table: {args!r:.200}")
-    return refuse
-
-
 @pytest.mark.parametrize("path", _official_files())
 def test_official_table_loads_without_running_code(path, monkeypatch):
     raw = path.read_bytes()
@@ -134,17 +128,7 @@ def test_official_table_loads_without_running_code(path, monkeypatch):
         return real_find_class(self, module, name)
 
     monkeypatch.setattr(official._OfficialUnpickler, "find_class", spy)
-    real_import = builtins.__import__
-
-    def guarded_import(name, *args, **kwargs):
-        if name.split(".")[0] in ("torch_utils", "dnnlib", "training") or name not in sys.modules:
-            raise AssertionError(f"reading a table imported {name!r}")
-        return real_import(name, *args, **kwargs)
-
-    for target, attr in [(builtins, "exec"), (builtins, "eval"), (builtins, "compile"), (os, "system"),
-                         (os, "popen"), (os, "execv"), (os, "execve"), (subprocess, "Popen")]:
-        monkeypatch.setattr(target, attr, _forbidden(f"{target.__name__}.{attr}"))
-    monkeypatch.setattr(builtins, "__import__", guarded_import)
+    forbid_code_execution(monkeypatch, "table")
     try:
         table = load_table(path)
         snap = read_official(path)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from solvers.table import atomic_write
 
 __all__ = ["ConfigError", "compose_config", "new_run_dir", "atomic_torch_save", "atomic_text", "truncate_log",
-           "init_distributed", "append_jsonl", "open_run", "rank_device"]
+           "init_distributed", "append_jsonl", "open_run", "rank_and_world", "rank_device"]
 
 
 class ConfigError(ValueError):
@@ -109,6 +109,13 @@ def truncate_log(path: Path, key: str, upto: int) -> None:
     atomic_text(path, "".join(f"{line}\n" for line in kept))
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of processes (0 and 1 outside torch.distributed)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def rank_device(name: str = "auto") -> torch.device:
     """``auto``: this rank's GPU (``cuda:$LOCAL_RANK``) when CUDA is available, else the CPU; or ``name``."""
     if name != "auto":
@@ -139,7 +146,7 @@ def open_run(config: DictConfig | str | Path | None, overrides: list[str] | None
     (an object, or a YAML path for ``load(path, overrides)``) gets a new folder ``where(config) = (outdir, name)``
     (or ``run_dir``), created by rank 0, which writes the resolved config there and tells the other ranks.
     """
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank, _ = rank_and_world()
     if resume is not None:
         folder = Path(resume)
         if not (folder / "config.yaml").is_file():

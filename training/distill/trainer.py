@@ -46,7 +46,7 @@ from solvers.table import PredictorTable, load_table, save_table
 from training import features as feature_losses
 from training.runs import atomic_torch_save as _atomic_torch_save
 from training.runs import init_distributed as _init_distributed
-from training.runs import new_run_dir, open_run, rank_device, truncate_log
+from training.runs import new_run_dir, open_run, rank_and_world, rank_device, truncate_log
 
 from .config import PIXEL_DATASETS, load_config
 from .params import TableParameters
@@ -82,8 +82,7 @@ class Distiller:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.stop_after = stop_after
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank, self.world = rank_and_world()
         self.device = rank_device(config.device)
         self.injected = backend is not None
         self.backend = backend if backend is not None else self._load_backend()

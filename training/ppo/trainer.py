@@ -43,7 +43,8 @@ from solvers.epd import sample_epd
 from solvers.table import PredictorTable, load_table, save_table
 from training.prompts import read_prompts
 from training.rewards import reward_from_config
-from training.runs import append_jsonl, atomic_torch_save, init_distributed, open_run, rank_device, truncate_log
+from training.runs import (append_jsonl, atomic_torch_save, init_distributed, open_run, rank_and_world, rank_device,
+                           truncate_log)
 
 from .advantages import rloo_advantages
 from .cold_start import cold_start
@@ -128,8 +129,7 @@ class RDPOTrainer:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.stop_after = stop_after
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.rank, self.world = rank_and_world()
         self.device = rank_device(config.run.device)
         ppo = config.ppo
         self.batch = int(ppo.rollout_batch_size) // self.world

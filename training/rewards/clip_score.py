@@ -35,7 +35,7 @@ from torch import nn
 
 from training.rewards.hps import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _amp_dtype, _check_weights_path,
                                   autocast_context, clip_preprocess, images_to_uint8, resolve_device)
-from training.rewards.registry import register_reward
+from training.rewards.registry import register_reward, score_in_chunks
 
 __all__ = ["CLIPBundle", "CLIPScoreHead", "AestheticHead", "AestheticMLP", "load_clip_bundle",
            "load_aesthetic_state_dict", "processor_settings", "clear_cache", "CLIP_URL", "AESTHETIC_URL",
@@ -154,13 +154,6 @@ def clear_cache() -> None:
         _BUNDLES.clear()
 
 
-def _check_batch(images: torch.Tensor, prompts: Sequence[str]) -> list[str]:
-    prompts = list(prompts)
-    if len(prompts) != images.shape[0]:
-        raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
-    return prompts
-
-
 class CLIPScoreHead:
     """CLIP score: ``cos(E_img, E_txt)`` of OpenAI CLIP ViT-L/14; ``normalise = clamp(., 0, 1)``."""
 
@@ -178,16 +171,14 @@ class CLIPScoreHead:
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Cosine similarities ``[B]`` (float32, CPU)."""
-        prompts = _check_batch(images, prompts)
-        out = []
-        for start in range(0, len(prompts), self.batch_size):
-            pixels = self.bundle.pixels(images[start:start + self.batch_size], self.truncate)
+        def chunk(part: torch.Tensor, texts: list[str]) -> torch.Tensor:
+            pixels = self.bundle.pixels(part, self.truncate)
             with autocast_context(self.bundle.device, self.amp, self.amp_dtype):
                 img = self.bundle.image_embeds(pixels)
-                txt = self.bundle.text_embeds(prompts[start:start + self.batch_size])
-            cos = (F.normalize(img.float(), dim=-1) * F.normalize(txt.float(), dim=-1)).sum(-1)
-            out.append(cos.cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+                txt = self.bundle.text_embeds(texts)
+            return (F.normalize(img.float(), dim=-1) * F.normalize(txt.float(), dim=-1)).sum(-1)
+
+        return score_in_chunks(images, prompts, self.batch_size, chunk)
 
     def normalise(self, scores: torch.Tensor) -> torch.Tensor:
         """``clamp(score, 0, 1)``."""
@@ -269,15 +260,13 @@ class AestheticHead:
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Predicted aesthetic scores ``[B]`` (float32, CPU); the prompts are not used."""
-        prompts = _check_batch(images, prompts)
-        out = []
-        for start in range(0, len(prompts), self.batch_size):
-            pixels = self.bundle.pixels(images[start:start + self.batch_size], self.truncate)
+        def chunk(part: torch.Tensor, texts: list[str]) -> torch.Tensor:
+            pixels = self.bundle.pixels(part, self.truncate)
             with autocast_context(self.bundle.device, self.amp, self.amp_dtype):
                 emb = self.bundle.image_embeds(pixels)
-            emb = F.normalize(emb.float(), dim=-1)
-            out.append(self.mlp(emb)[:, 0].float().cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+            return self.mlp(F.normalize(emb.float(), dim=-1))[:, 0]
+
+        return score_in_chunks(images, prompts, self.batch_size, chunk)
 
     def normalise(self, scores: torch.Tensor) -> torch.Tensor:
         """``clamp(score / 10, 0, 1)``."""

@@ -32,7 +32,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from training.rewards.registry import register_reward
+from training.rewards.registry import register_reward, score_in_chunks
 
 __all__ = ["HPSHead", "HPS_FILES", "HPS_URL", "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD", "images_to_uint8",
            "clip_preprocess", "resized_size", "center_crop_box", "load_hps_state_dict", "resolve_device",
@@ -253,18 +253,15 @@ class HPSHead:
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Cosine similarities ``[B]`` (float32, CPU) of each image with its prompt."""
-        prompts = list(prompts)
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
-        out = []
-        for start in range(0, len(prompts), self.batch_size):
-            pixels = self.preprocess(images[start:start + self.batch_size]).to(self.device)
-            tokens = self.tokenizer(prompts[start:start + self.batch_size]).to(self.device)
+        def chunk(part: torch.Tensor, texts: list[str]) -> torch.Tensor:
+            pixels = self.preprocess(part).to(self.device)
+            tokens = self.tokenizer(texts).to(self.device)
             with autocast_context(self.device, self.amp, self.amp_dtype):
                 img = self.model.encode_image(pixels, normalize=True)
                 txt = self.model.encode_text(tokens, normalize=True)
-                out.append(torch.diagonal(img @ txt.T).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+                return torch.diagonal(img @ txt.T).float()
+
+        return score_in_chunks(images, prompts, self.batch_size, chunk)
 
     def normalise(self, scores: torch.Tensor) -> torch.Tensor:
         """``clamp(score, 0, 1)``."""

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.rewards.pickscore import images_to_pil
-from training.rewards.registry import register_reward
+from training.rewards.registry import prompts_for, register_reward
 
 __all__ = ["ImageRewardConfig", "ImageRewardModel", "BlipVisionEncoder", "BlipTextEncoder", "RewardMLP",
            "ImageRewardHead", "load_imagereward_state_dict", "map_official_keys", "to_official_key",
@@ -478,9 +478,7 @@ class ImageRewardHead:
 
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Raw scores ``[B]`` (float32, CPU)."""
-        prompts = list(prompts)
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
+        prompts = prompts_for(images, prompts)
         pixels = imagereward_preprocess(images, self.config.image_size, self.square_resize).to(self.device)
         input_ids, attention_mask = (t.to(self.device) for t in self.tokenize(prompts))
         use_amp = self.amp and self.device.type == "cuda"

@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.rewards.registry import register_reward
+from training.rewards.registry import register_reward, score_in_chunks
 
 __all__ = ["PickledModelError", "MPSStateDictError", "refuse_pickled_model", "load_mps_state_dict",
            "CONVERSION_HELP", "MPS_CONDITION", "MPS_THRESHOLD", "MPS_SCALE", "MPS_CLIP_CONFIG", "MPS_CROSS_CONFIG",
@@ -479,7 +479,7 @@ class MPSHead:
                  scale: float = MPS_SCALE):
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        from training.rewards.pickscore import PROCESSOR_REPO, _has_processor, _resolve_device
+        from training.rewards.pickscore import _processor_folder, _resolve_device
 
         if not isinstance(network, MPSNetwork):
             raise TypeError(f"network must be an MPSNetwork, got {type(network).__name__}")
@@ -492,13 +492,7 @@ class MPSHead:
         if not float(scale) > 0:
             raise ValueError(f"scale must be > 0, got {scale!r}")
         self.weights_path = None if weights_path is None else Path(weights_path)
-        processor = Path(processor_path).expanduser()
-        if not _has_processor(processor):
-            raise FileNotFoundError(
-                f"MPS processor folder {str(processor)!r} not found or incomplete (it needs preprocessor_config.json "
-                f"and tokenizer files): download the Hugging Face repo {PROCESSOR_REPO!r} to a local folder and pass "
-                f"it as processor_path")
-        self.processor_path = processor
+        self.processor_path = _processor_folder(processor_path, "MPS")
         self.device = _resolve_device(None if device in (None, "auto") else device)
         self.amp, self.batch_size = bool(amp), int(batch_size)
         self.threshold, self.mask_norm, self.condition = float(threshold), mask_norm, str(condition)
@@ -506,9 +500,9 @@ class MPSHead:
         positions = int(network.model.config.text_config.max_position_embeddings)
         if self.max_length > positions:
             raise ValueError(f"max_length {self.max_length} exceeds the text model's {positions} positions")
-        self.image_processor = AutoImageProcessor.from_pretrained(str(processor), local_files_only=True,
+        self.image_processor = AutoImageProcessor.from_pretrained(str(self.processor_path), local_files_only=True,
                                                                   backend=image_backend)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(processor), local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.processor_path), local_files_only=True)
         self.network = network.to(self.device).eval().requires_grad_(False)
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -527,18 +521,16 @@ class MPSHead:
         """Raw MPS scores ``[B]`` (float32, CPU), ``batch_size`` images at a time."""
         from training.rewards.hps import autocast_context
 
-        prompts = list(prompts)
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
         condition_ids = self.tokenize([self.condition]).to(self.device)
-        out = []
-        for start in range(0, len(prompts), self.batch_size):
-            pixels = self.pixels(images[start:start + self.batch_size]).to(self.device)
-            ids = self.tokenize(prompts[start:start + self.batch_size]).to(self.device)
+
+        def chunk(part: torch.Tensor, texts: list[str]) -> torch.Tensor:
+            pixels = self.pixels(part).to(self.device)
+            ids = self.tokenize(texts).to(self.device)
             with autocast_context(self.device, self.amp):
                 text_eos, image_feature = self.network(ids, pixels, condition_ids, self.threshold, self.mask_norm)
-            out.append(mps_score(text_eos, image_feature, self.network.logit_scale).to("cpu", torch.float32))
-        return torch.cat(out) if out else torch.zeros(0)
+            return mps_score(text_eos, image_feature, self.network.logit_scale)
+
+        return score_in_chunks(images, prompts, self.batch_size, chunk)
 
     def normalise(self, scores: torch.Tensor) -> torch.Tensor:
         """``clamp(score / scale, 0, 1)`` (scale 26 by default)."""

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from training.rewards.registry import register_reward
+from training.rewards.registry import prompts_for, register_reward
 
 __all__ = ["PickScoreHead", "images_to_uint8", "images_to_pil", "PICKSCORE_REPO", "PROCESSOR_REPO",
            "PICKSCORE_SCALE"]
@@ -68,6 +68,17 @@ def _has_processor(folder: Path) -> bool:
     return (folder / "preprocessor_config.json").is_file() and tokenizer
 
 
+def _processor_folder(path: str | Path, head: str) -> Path:
+    """``path`` as a folder holding the CLIP-H processor (image config and tokenizer), or a clear error."""
+    folder = Path(path).expanduser()
+    if not _has_processor(folder):
+        raise FileNotFoundError(
+            f"{head} processor folder {str(path)!r} not found or incomplete (it needs preprocessor_config.json and "
+            f"tokenizer files): download the Hugging Face repo {PROCESSOR_REPO!r} to a local folder and pass it "
+            f"as processor_path")
+    return folder
+
+
 class PickScoreHead:
     """PickScore: ``exp(logit_scale) * cos`` of a local PickScore_v1 ``CLIPModel``; normalised by ``/ 26``."""
 
@@ -92,12 +103,7 @@ class PickScoreHead:
                     f"and pass it as processor_path")
             processor = weights
         else:
-            processor = Path(processor_path).expanduser()
-            if not _has_processor(processor):
-                raise FileNotFoundError(
-                    f"PickScore processor folder {str(processor_path)!r} not found or incomplete (it needs "
-                    f"preprocessor_config.json and tokenizer files): download the Hugging Face repo "
-                    f"{PROCESSOR_REPO!r} to a local folder and pass it as processor_path")
+            processor = _processor_folder(processor_path, "PickScore")
         self.weights_path, self.processor_path = weights, processor
         self.device = _resolve_device(device)
         self.amp = bool(amp)
@@ -110,9 +116,7 @@ class PickScoreHead:
 
     def preprocess(self, images: torch.Tensor, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """``pixel_values``, ``input_ids`` and ``attention_mask`` for the model (on the CPU)."""
-        prompts = list(prompts)
-        if len(prompts) != images.shape[0]:
-            raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
+        prompts = prompts_for(images, prompts)
         pixels = self.image_processor(images=images_to_pil(images), return_tensors="pt")["pixel_values"]
         text = self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_length,
                               return_tensors="pt")

@@ -22,7 +22,26 @@ from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
 import torch
 
 __all__ = ["RewardHead", "RewardResult", "MultiReward", "register_reward", "unregister_reward",
-           "available_rewards", "build_reward", "reward_options", "reward_from_config"]
+           "available_rewards", "build_reward", "reward_options", "reward_from_config", "prompts_for",
+           "score_in_chunks"]
+
+
+def prompts_for(images: torch.Tensor, prompts: Sequence[str]) -> list[str]:
+    """``prompts`` as a list, checked to hold one prompt per image of ``images [B, ...]``."""
+    prompts = list(prompts)
+    if len(prompts) != images.shape[0]:
+        raise ValueError(f"got {len(prompts)} prompts for {images.shape[0]} images")
+    return prompts
+
+
+def score_in_chunks(images: torch.Tensor, prompts: Sequence[str], batch_size: int,
+                    score_chunk: Callable[[torch.Tensor, list[str]], torch.Tensor]) -> torch.Tensor:
+    """``score_chunk`` over consecutive chunks of at most ``batch_size`` images (with their prompts), the
+    scores concatenated: ``[B]`` on the CPU, float32 (empty for an empty batch)."""
+    prompts = prompts_for(images, prompts)
+    parts = [score_chunk(images[lo:lo + batch_size], prompts[lo:lo + batch_size]).to("cpu", torch.float32)
+             for lo in range(0, len(prompts), batch_size)]
+    return torch.cat(parts) if parts else torch.zeros(0)
 
 
 @runtime_checkable
@@ -158,10 +177,8 @@ class MultiReward:
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str], batch_size: int | None = None) -> RewardResult:
         """Score ``images [B, ...]`` for ``prompts`` (``B`` of them) in chunks of ``batch_size`` images."""
-        prompts = list(prompts)
-        total = int(images.shape[0])
-        if len(prompts) != total:
-            raise ValueError(f"got {len(prompts)} prompts for {total} images")
+        prompts = prompts_for(images, prompts)
+        total = len(prompts)
         chunk = batch_size if batch_size is not None else self.batch_size
         chunk = total if chunk is None else int(chunk)
         if chunk < 1:
