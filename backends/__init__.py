@@ -79,6 +79,8 @@ def load_backend(name: str, **config: Any) -> Any:
     ``.safetensors``), ``dataset``, ``device``, ``dtype`` (auto/float16/float32), ``max_batch``, ``resolution``
     (:func:`backends.edm.load_edm_backend`). ``digits_edm``: the committed digits network, or ``model_path``
     (:func:`backends.digits_edm.load_digits_edm`), with ``device``, ``dtype``, ``max_batch``, ``guidance``.
+    Every network backend also takes ``cuda_graphs`` (replay network calls from CUDA graphs) and ``compile``
+    (the fast path of :mod:`backends.compile`: compiled network, graphed calls; docs/benchmarks.md).
     """
     if name in EDM_DATASET_ALIASES:
         config.setdefault("dataset", name)

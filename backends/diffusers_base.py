@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from solvers.schedules import ScheduleSpec
 
+from .compile import CompiledCall
 from .cuda_graphs import GraphedCall
 
 __all__ = ["PromptCondition", "DiffusersBackend", "ModelNotFoundError", "resolve_model_path", "load_pipeline",
@@ -166,6 +168,11 @@ class DiffusersBackend:
     (:mod:`backends.cuda_graphs`; on CUDA under ``torch.no_grad()`` only, eager otherwise). At small batches
     the eager call is bound by kernel-launch overhead, which the graph removes; results equal the eager path
     to within the network dtype's rounding.
+    ``compile``: the fast path (:mod:`backends.compile`). The network runs inductor's kernels (static shapes,
+    compiled once per call signature) replayed from per-call CUDA graphs, the VAE decoder is compiled and
+    graphed too, and the text encoders' forwards are replayed from graphs (they run once per batch; their
+    compilation would cost more start-up than it saves). The pipeline object itself is not modified: the
+    text encoders' graphed forwards are swapped in only while :meth:`encode_prompts` runs.
     """
 
     name = "diffusers"
@@ -175,9 +182,21 @@ class DiffusersBackend:
 
     def __init__(self, pipe: Any, *, guidance: float | None = None, resolution: int | None = None,
                  max_batch: int | None = None, negative_prompt: str = "", state_dtype: torch.dtype = torch.float32,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, compile: bool = False):
         self.pipe = pipe
-        self.graphs = GraphedCall(self._guided) if cuda_graphs else None
+        self.compiled = bool(compile)
+        if self.compiled and any(hasattr(m, "_hf_hook") for m in pipe.components.values()):
+            raise ValueError("compile=True needs the whole pipeline on the GPU (offload none): offloading moves "
+                             "weights during every call, which neither a compiled nor a graphed call can do")
+        self.graphs = GraphedCall(self._guided, name=f"the {self.name} network call") if cuda_graphs or compile else None
+        self._network_call = (CompiledCall(self.network, name=f"the {self.name} {type(self.network).__name__}",
+                                           device=self.device) if compile else self.network)
+        vae_decode = lambda z: pipe.vae.decode(z, return_dict=False)[0]  # noqa: E731 - one expression
+        self._vae_decode = (GraphedCall(CompiledCall(vae_decode, name=f"the {self.name} VAE decoder",
+                                                     device=self.device), name=f"the {self.name} VAE decoder")
+                            if compile else vae_decode)
+        self._text_graphs = [(module, GraphedCall(module.forward, name=f"the {self.name} {type(module).__name__}"))
+                             for module in self._text_encoders()] if compile else []
         self.guidance = float(self.default_guidance if guidance is None else guidance)
         self.max_batch = None if not max_batch else int(max_batch)
         if self.max_batch is not None and self.max_batch < 1:
@@ -233,11 +252,34 @@ class DiffusersBackend:
     def guided(self) -> bool:
         return self.uses_cfg and self.guidance != 1.0
 
+    def run_network(self, *args: Any, **kwargs: Any) -> Any:
+        """One raw call of :attr:`network` (compiled on the fast path); subclasses' :meth:`_denoise` use it."""
+        return self._network_call(*args, **kwargs)
+
+    def _text_encoders(self) -> list[torch.nn.Module]:
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        return [m for m in (getattr(self.pipe, n, None) for n in names) if isinstance(m, torch.nn.Module)]
+
+    @contextmanager
+    def _graphed_text_encoders(self) -> Iterator[None]:
+        """The text encoders' forwards replaced by their graphed versions for the duration of the block."""
+        previous = [module.__dict__.get("forward") for module, _ in self._text_graphs]
+        for module, graphed in self._text_graphs:
+            module.forward = graphed
+        try:
+            yield
+        finally:
+            for (module, _), before in zip(self._text_graphs, previous):
+                if before is None:
+                    del module.forward     # back to the class's forward
+                else:
+                    module.forward = before
+
     def encode_prompts(self, prompts: Sequence[str]) -> PromptCondition:
         """Text embeddings for each prompt (and the negative prompt when guidance is on), on the device."""
         prompts = [str(p) for p in prompts]
         negative = [self.negative_prompt] * len(prompts) if self.guided else None
-        with torch.no_grad():
+        with torch.no_grad(), self._graphed_text_encoders():
             cond = self._encode(prompts, negative)
         return replace(cond, prompts=tuple(prompts))
 
@@ -281,7 +323,7 @@ class DiffusersBackend:
         """Latents -> images in [-1, 1], float32 ``[B, 3, H, W]`` (chunked by ``max_batch``; differentiable)."""
         vae = self.pipe.vae
         step = self.max_batch or x.shape[0]
-        images = [vae.decode(self.vae_latents(x[lo:lo + step]).to(device=self.device, dtype=vae.dtype)).sample
+        images = [self._vae_decode(self.vae_latents(x[lo:lo + step]).to(device=self.device, dtype=vae.dtype))
                   for lo in range(0, x.shape[0], step)]
         return torch.cat(images).float().clamp(-1, 1)
 

@@ -66,8 +66,8 @@ class DigitsEDMBackend(EDMBackend):
     save_upscale = None             # sample.py then saves 16x16 images 4x upscaled (64 px), like the 8x8 digits
 
     def __init__(self, net: torch.nn.Module, *, max_batch: int | None = None, info: dict | None = None,
-                 guidance: float = 1.0):
-        super().__init__(net, dataset=None, max_batch=max_batch, info=info)
+                 guidance: float = 1.0, cuda_graphs: bool = False, compile: bool = False):
+        super().__init__(net, dataset=None, max_batch=max_batch, info=info, cuda_graphs=cuda_graphs, compile=compile)
         if int(net.label_dim) != NUM_CLASSES:
             raise ValueError(f"digits_edm needs a network with {NUM_CLASSES} classes (this one has {net.label_dim})")
         self.guidance = float(guidance)
@@ -85,7 +85,9 @@ class DigitsEDMBackend(EDMBackend):
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: Any = None) -> torch.Tensor:
         batch = x.shape[0]
         labels = self._labels(cond, batch, x.device)
-        if not self.guided or labels.is_floating_point() or not bool((labels >= 0).any()):
+        # All-unconditional batches skip the guidance rows; on a GPU that test would wait for the device, so
+        # there the guided call always runs (the unconditional rows' result is the same).
+        if not self.guided or labels.is_floating_point() or (not labels.is_cuda and not bool((labels >= 0).any())):
             return super().__call__(x, sigma, labels)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         sigma = sigma.expand(batch) if sigma.ndim == 0 else sigma.reshape(batch)
@@ -119,7 +121,8 @@ def digits_edm_path(model_path: str | os.PathLike | None = None, default_model_p
 def load_digits_edm(model_path: str | os.PathLike | None = None, *, default_model_path: str | None = None,
                     device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
                     max_batch: int | None = None, resolution: int | None = None,
-                    guidance: float | None = None) -> DigitsEDMBackend:
+                    guidance: float | None = None, cuda_graphs: bool = False,
+                    compile: bool = False) -> DigitsEDMBackend:
     """Load the digits EDM network (:func:`digits_edm_path`) through :func:`backends.edm.load_edm_backend`.
     ``device`` defaults to CUDA when available; ``dtype`` auto/float16/float32 as for ``edm``."""
     path = digits_edm_path(model_path, default_model_path)
@@ -127,4 +130,5 @@ def load_digits_edm(model_path: str | os.PathLike | None = None, *, default_mode
     if int(base.net.img_channels) != 1:
         raise ValueError(f"{path} is not a digits network (it has {base.net.img_channels} channels, not 1)")
     return DigitsEDMBackend(base.net, max_batch=max_batch, info=base.info,
-                            guidance=1.0 if guidance is None else float(guidance))
+                            guidance=1.0 if guidance is None else float(guidance), cuda_graphs=cuda_graphs,
+                            compile=compile)

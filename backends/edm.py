@@ -35,6 +35,8 @@ import torch
 
 from solvers.schedules import ScheduleSpec
 
+from .compile import CompiledCall
+from .cuda_graphs import GraphedCall
 from .edm_checkpoint import load_edm
 
 __all__ = ["EDMBackend", "EDMDataset", "EDM_DATASETS", "load_edm_backend", "class_labels_for_seeds",
@@ -80,7 +82,9 @@ class EDMBackend:
     """A preconditioned EDM network (``VPPrecond``/``VEPrecond``/``iDDPMPrecond``/``EDMPrecond``) as a denoiser.
 
     ``max_batch`` splits larger calls (such as the B*K rows of a parallel EPD step) into chunks. ``info`` is
-    what the loader recorded (checkpoint file, sha256, constructor keywords).
+    what the loader recorded (checkpoint file, sha256, constructor keywords). ``cuda_graphs`` replays each
+    network call from a CUDA graph per batch shape; ``compile`` runs the network through ``torch.compile``
+    as well (the fast path of :mod:`backends.compile`; implies ``cuda_graphs``).
     """
 
     name = "edm"
@@ -93,8 +97,12 @@ class EDMBackend:
     save_upscale = 1               # images are saved at the network's resolution (FID needs it)
 
     def __init__(self, net: torch.nn.Module, *, dataset: str | None = None, max_batch: int | None = None,
-                 info: dict | None = None):
+                 info: dict | None = None, cuda_graphs: bool = False, compile: bool = False):
         self.net = net
+        self.compiled = bool(compile)
+        self._net_call = (CompiledCall(net, name=f"the {self.name} {type(net).__name__}", device=self.device)
+                          if compile else net)
+        self.graphs = GraphedCall(self._net_call, name=f"the {self.name} network call") if cuda_graphs or compile else None
         self.dataset = dataset
         self.max_batch = None if not max_batch else int(max_batch)
         if self.max_batch is not None and self.max_batch < 1:
@@ -173,12 +181,14 @@ class EDMBackend:
             labels = cond.reshape(-1).long()
             if labels.shape[0] != batch:
                 raise ValueError(f"got {labels.shape[0]} labels for a batch of {batch}")
-            if bool(((labels < -1) | (labels >= self.num_classes)).any()):
-                raise ValueError(f"labels must be in -1..{self.num_classes - 1}")
-            rows = torch.zeros(batch, self.num_classes, device=device)
-            known = labels >= 0
-            rows[known.nonzero().flatten(), labels[known]] = 1.0
-            return rows
+            # The range check reads the labels on the host: skipped while a CUDA graph is captured (the
+            # sampler's labels were checked when they were made), where reading them would be an error.
+            if not (labels.is_cuda and torch.cuda.is_current_stream_capturing()):
+                if bool(((labels < -1) | (labels >= self.num_classes)).any()):
+                    raise ValueError(f"labels must be in -1..{self.num_classes - 1}")
+            # One-hot rows by comparison (label -1 matches no column: the zero row), with no data-dependent
+            # indexing, so the call never waits for the device.
+            return (labels[:, None] == torch.arange(self.num_classes, device=device)).float()
         if cond.ndim != 2 or cond.shape != (batch, self.num_classes):
             raise ValueError(f"label rows must have shape [{batch}, {self.num_classes}] (got {tuple(cond.shape)})")
         return cond.float()
@@ -190,7 +200,8 @@ class EDMBackend:
         sigma = sigma.expand(batch) if sigma.ndim == 0 else sigma.reshape(batch)
         labels = self._label_rows(cond, batch, x.device)
         step = self.max_batch or batch
-        outputs = [self.net(x[lo:lo + step], sigma[lo:lo + step], None if labels is None else labels[lo:lo + step])
+        call = self._net_call if self.graphs is None else self.graphs
+        outputs = [call(x[lo:lo + step], sigma[lo:lo + step], None if labels is None else labels[lo:lo + step])
                    for lo in range(0, batch, step)]
         out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         return out.to(x.dtype)
@@ -253,7 +264,8 @@ def _file_sha256(path: Path) -> str:
 def load_edm_backend(model_path: str | os.PathLike | None = None, *, dataset: str | None = None,
                      default_model_path: str | None = None, device: str | torch.device | None = None,
                      dtype: str | torch.dtype | None = "auto", max_batch: int | None = None,
-                     resolution: int | None = None, guidance: float | None = None) -> EDMBackend:
+                     resolution: int | None = None, guidance: float | None = None, cuda_graphs: bool = False,
+                     compile: bool = False) -> EDMBackend:
     """Load an EDM network from a local ``.pkl`` (read without executing it) or converted ``.safetensors``.
 
     ``dataset`` (cifar10, ffhq, afhqv2, imagenet64) picks the default file and environment variable
@@ -261,6 +273,7 @@ def load_edm_backend(model_path: str | os.PathLike | None = None, *, dataset: st
     ``dtype``: ``auto`` keeps the checkpoint's ``use_fp16``; ``float16``/``fp16`` or ``float32`` set it (float16
     only takes effect on CUDA). ``resolution``, when given, must equal the network's. ``guidance`` is accepted
     for table metadata and must be 0 or 1 (the released nets have no classifier-free guidance).
+    ``cuda_graphs`` / ``compile``: the graphed and compiled network call (:class:`EDMBackend`).
     """
     if dataset is not None and dataset not in EDM_DATASETS:
         raise ValueError(f"unknown EDM data set {dataset!r}; known: {', '.join(EDM_DATASETS)}")
@@ -290,4 +303,5 @@ def load_edm_backend(model_path: str | os.PathLike | None = None, *, dataset: st
     place = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     file_sha256 = (config.get("source") or {}).get("sha256") if path.suffix == ".pkl" else None
     info = {**config, "file": str(path), "file_sha256": file_sha256 or _file_sha256(path)}
-    return EDMBackend(net.to(place), dataset=dataset, max_batch=max_batch, info=info)
+    return EDMBackend(net.to(place), dataset=dataset, max_batch=max_batch, info=info, cuda_graphs=cuda_graphs,
+                      compile=compile)

@@ -77,7 +77,7 @@ class FluxBackend(FlowMatchingBackend):
         guidance = None
         if transformer.config.get("guidance_embeds", False):
             guidance = torch.full((x.shape[0],), self.guidance, device=x.device, dtype=torch.float32)
-        velocity = transformer(
+        velocity = self.run_network(
             hidden_states=pack_latents(x).to(self.dtype), timestep=sigma.to(self.dtype), guidance=guidance,
             pooled_projections=pooled.to(self.dtype), encoder_hidden_states=embeds.to(self.dtype),
             txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=self.dtype),

@@ -85,7 +85,7 @@ class StableDiffusionBackend(DiffusersBackend):
         s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
         c_in = 1.0 / torch.sqrt(1.0 + s * s)
         timestep = self.vp.timestep(sigma).to(device=x.device, dtype=torch.float32)
-        eps = self.pipe.unet((c_in * x).to(self.dtype), timestep, encoder_hidden_states=embeds.to(self.dtype),
+        eps = self.run_network((c_in * x).to(self.dtype), timestep, encoder_hidden_states=embeds.to(self.dtype),
                              return_dict=False)[0]
         return x - s * eps.to(x.dtype)
 

@@ -80,7 +80,7 @@ class SD3Backend(FlowMatchingBackend):
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor,
                  pooled: torch.Tensor | None) -> torch.Tensor:
         num_train = float(self._scheduler_config().get("num_train_timesteps", 1000))
-        velocity = self.pipe.transformer(hidden_states=x.to(self.dtype), timestep=(sigma * num_train).float(),
+        velocity = self.run_network(hidden_states=x.to(self.dtype), timestep=(sigma * num_train).float(),
                                          encoder_hidden_states=embeds.to(self.dtype),
                                          pooled_projections=pooled.to(self.dtype), return_dict=False)[0]
         return x - sigma.reshape(-1, *([1] * (x.ndim - 1))) * velocity.to(x.dtype)

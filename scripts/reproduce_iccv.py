@@ -447,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", help="sampling device (default: cuda, LOCAL_RANK under torchrun)")
     parser.add_argument("--class-labels", choices=("random", "balanced"), default="random",
                         help="ImageNet-64: a random label per seed (EDM's rule, default) or seed k -> class k mod 1000")
+    parser.add_argument("--compile", action="store_true",
+                        help="sample on the fast path (sample.py --compile: compiled network, graphed loop)")
+    parser.add_argument("--compile-cache", help="compile cache folder (sample.py --compile-cache)")
     parser.add_argument("--sample-args", default="", help="extra sample.py flags, e.g. \"--use_fp16 False\"")
     parser.add_argument("--inception", help="FID Inception weights (default <cache-dir>/pt_inception-2015-12-05-"
                                             "6726825d.pth or $FID_INCEPTION_PATH)")
@@ -459,6 +462,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _extra_sample_flags(args: argparse.Namespace) -> list[str]:
+    """``--sample-args`` plus the fast-path flags, as sample.py takes them."""
+    return (shlex.split(args.sample_args) + (["--compile"] if args.compile else [])
+            + (["--compile-cache", args.compile_cache] if args.compile_cache else []))
+
+
 def _write_json(path: Path, data: Any) -> None:
     atomic_write(path, (json.dumps(data, indent=1, default=str) + "\n").encode())
 
@@ -469,7 +478,7 @@ def run_cell(cell: Cell, args: argparse.Namespace, seeds: list[int], seeds_text:
 
     folder = args.outdir / cell.dataset.key / cell.name
     images = folder / "images"
-    extra = shlex.split(args.sample_args)
+    extra = _extra_sample_flags(args)
     argv = sample_argv(cell, images, seeds_text, args.batch, model_path=args.model_path, device=args.device,
                        extra=extra, class_labels=args.class_labels)
     if cell.dataset.class_conditional and args.class_labels == "balanced" and rank == 0:
@@ -560,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({**cell.describe(), "paper": paper, "paper_cell": label,
                                   "sample_py": sample_argv(cell, folder / "images", seeds_text, args.batch,
                                                            model_path=args.model_path, device=args.device,
-                                                           extra=shlex.split(args.sample_args),
+                                                           extra=_extra_sample_flags(args),
                                                            class_labels=args.class_labels)}, default=str))
             return 0
         if backend not in SUPPORTED_BACKENDS:

@@ -222,6 +222,12 @@ def _unipc_coefficients(h: torch.Tensor, rks: list[torch.Tensor], order: int) ->
     return torch.stack(rows), torch.stack(rhs)
 
 
+def _solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a^-1 b`` without the singularity check that makes ``torch.linalg.solve`` wait for the GPU (the UniPC
+    systems are Vandermonde matrices of distinct ratios, never singular)."""
+    return torch.linalg.solve_ex(a, b)[0]
+
+
 def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = None, *, order: int = 2,
                  lower_order_final: bool = True, use_corrector: bool = True, afs: bool = False, flow: bool = False,
                  callback: Callback | None = None, disable: bool = True) -> torch.Tensor:
@@ -261,10 +267,10 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
             rks, diffs = differences(i - 1, last_order, h)
             m0 = outputs[-1]
             if last_order == 1:
-                rhos = torch.tensor([0.5], dtype=x.dtype, device=x.device)
+                rhos = torch.full((1,), 0.5, dtype=x.dtype, device=x.device)
             else:
                 big_r, b = _unipc_coefficients(h, rks, last_order)
-                rhos = torch.linalg.solve(big_r, b)
+                rhos = _solve(big_r, b)
             res = sum((rho * dk for rho, dk in zip(rhos[:-1], diffs)), torch.zeros_like(x))
             b_h = _alpha(t_cur, flow) * torch.expm1(-h)
             x = (t_cur / t_prev) * last_x - b_h * m0 - b_h * (res + rhos[-1] * (denoised - m0))
@@ -280,10 +286,10 @@ def sample_unipc(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
         if step_order >= 2:
             rks, diffs = differences(i, step_order, h)
             if step_order == 2:
-                rhos_p = torch.tensor([0.5], dtype=x.dtype, device=x.device)
+                rhos_p = torch.full((1,), 0.5, dtype=x.dtype, device=x.device)
             else:
                 big_r, b = _unipc_coefficients(h, rks, step_order)
-                rhos_p = torch.linalg.solve(big_r[:-1, :-1], b[:-1])
+                rhos_p = _solve(big_r[:-1, :-1], b[:-1])
             x_next = x_next - b_h * sum((rho * dk for rho, dk in zip(rhos_p, diffs)), torch.zeros_like(x))
         last_x, last_order = x, step_order
         x = x_next

@@ -8,8 +8,10 @@ coordinates, ``sigma`` a per-sample tensor ``[B]``. The ODE direction is ``d = (
 from __future__ import annotations
 
 import re
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass, replace
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 import torch
@@ -26,6 +28,7 @@ __all__ = [
     "seeded_noise",
     "parse_seeds",
     "as_tensor",
+    "reuse_device_constants",
 ]
 
 Callback = Callable[[dict], None]
@@ -62,14 +65,45 @@ def repeat_condition(cond: Any, repeats: int) -> Any:
     return cond
 
 
+_constants = threading.local()
+
+
+@contextmanager
+def reuse_device_constants() -> Iterator[dict]:
+    """Within the block, :func:`as_tensor` makes one device copy per distinct host value and hands the same
+    copy back whenever that value (same bytes, shape, dtype and device) is asked for again.
+
+    This is how a sampler becomes capturable in a CUDA graph: a capture may not copy pageable host memory to
+    the device, so the capturer runs the sampler once inside this block (every grid and table is copied
+    then), and captures the second run, which finds all its constants already on the device. The capturer
+    keeps the yielded dict with the graph, whose replays read those device tensors.
+    """
+    previous = getattr(_constants, "memo", None)
+    memo: dict = {} if previous is None else previous
+    _constants.memo = memo
+    try:
+        yield memo
+    finally:
+        _constants.memo = previous
+
+
 def as_tensor(values: Any, like: torch.Tensor) -> torch.Tensor:
     """``values`` (tensor, array, list or number) as a tensor with ``like``'s dtype and device (a copy for
     numpy input, which may be read-only)."""
     # non_blocking: a host->GPU copy of a small table must not make the host wait for queued GPU work
     # (from pageable memory CUDA stages the data before returning, so the source may be freed at once).
-    if isinstance(values, torch.Tensor):
+    memo = getattr(_constants, "memo", None)
+    if isinstance(values, torch.Tensor) and (memo is None or values.device.type != "cpu"):
         return values.to(dtype=like.dtype, device=like.device, non_blocking=True)
-    return torch.tensor(np.asarray(values), dtype=like.dtype).to(like.device, non_blocking=True)
+    host = values.detach().to(like.dtype) if isinstance(values, torch.Tensor) else \
+        torch.tensor(np.asarray(values), dtype=like.dtype)
+    if memo is None:
+        return host.to(like.device, non_blocking=True)
+    key = (host.numpy().tobytes() if host.dtype != torch.bfloat16 else host.float().numpy().tobytes(),
+           tuple(host.shape), host.dtype, like.device)
+    if key not in memo:
+        memo[key] = host.to(like.device, non_blocking=True)
+    return memo[key]
 
 
 def sigma_batch(sigma: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:

@@ -369,3 +369,12 @@ def test_paper_numbers_equal_the_spec_table():
     assert parsed == data["rows"] and len(parsed) == 11
     for key, method in ri.METHODS.items():
         assert method.paper_row is None or method.paper_row in parsed, key
+
+
+def test_fast_path_flags_reach_sample_py():
+    args = ri.build_parser().parse_args(["--dataset", "cifar10", "--method", "epd", "--nfe", "3", "--compile",
+                                         "--compile-cache", "cache/x", "--sample-args", "--max-batch 8"])
+    flags = ri._extra_sample_flags(args)
+    assert flags == ["--max-batch", "8", "--compile", "--compile-cache", "cache/x"]
+    parsed = sample.build_parser().parse_args(["--backend", "cifar10", "--solver", "euler", "--steps", "3"] + flags)
+    assert parsed.compile and str(parsed.compile_cache) == "cache/x" and parsed.max_batch == 8
