@@ -96,8 +96,7 @@ class CompiledCall:
         self.eager = fn
         self.name = name
         self.device = torch.device(device)
-        self.failure: str | None = compile_unavailable(self.device)
-        self.compiled: Callable[..., Any] | None = None
+        self.failure: str | None = compile_unavailable(self.device)   # set: calls run eagerly
         if self.failure is None:
             chosen = dict(INDUCTOR_OPTIONS if self.device.type == "cuda" else {}, **(options or {}))
             self.compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode,
@@ -115,7 +114,7 @@ class CompiledCall:
                       RuntimeWarning, stacklevel=3)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.compiled is None or self.failure is not None:
+        if self.failure is not None:
             return self.eager(*args, **kwargs)
         try:
             return self.compiled(*args, **kwargs)

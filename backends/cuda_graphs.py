@@ -37,7 +37,7 @@ import dataclasses
 import warnings
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Hashable
+from typing import Any, Callable, Hashable, Iterator
 
 import torch
 
@@ -56,60 +56,61 @@ class _Captured:
     device_constants: dict = dataclasses.field(default_factory=dict)
 
 
+def _init_fields(value: Any) -> list:
+    return [f for f in dataclasses.fields(value) if f.init]
+
+
 def _flatten(value: Any, leaves: list[torch.Tensor], path: str = "argument") -> Any:
     """The structure of ``value`` with each tensor replaced by its signature; tensors are appended to
-    ``leaves`` in a fixed order (the order :func:`_rebuild` consumes them)."""
+    ``leaves`` in the order :func:`_map_tensors` visits them."""
     if isinstance(value, torch.Tensor):
         leaves.append(value)
         return ("T", tuple(value.shape), value.dtype, value.device)
     if isinstance(value, _CONSTANTS):
         return ("C", type(value).__name__, value)
-    if isinstance(value, (tuple, list)):
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
         return (type(value).__name__, tuple(_flatten(v, leaves, f"{path}[{i}]") for i, v in enumerate(value)))
     if isinstance(value, dict):
         return ("dict", tuple((k, _flatten(v, leaves, f"{path}[{k!r}]")) for k, v in value.items()))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return (type(value), tuple((f.name, _flatten(getattr(value, f.name), leaves, f"{path}.{f.name}"))
-                                   for f in dataclasses.fields(value)))
+                                   for f in _init_fields(value)))
     raise TypeError(f"GraphedCall arguments must be tensors or None, constants, or containers of them "
                     f"({path} is a {type(value).__name__})")
 
 
-def _rebuild(value: Any, tensors: "iter") -> Any:
-    """``value`` with its tensors taken, in :func:`_flatten`'s order, from ``tensors``."""
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``value`` with ``fn`` applied to each of its tensors, visited in :func:`_flatten`'s order (tensors,
+    constants, tuples, lists, dicts, dataclasses; transformers' ModelOutput is a dict built from keywords)."""
     if isinstance(value, torch.Tensor):
-        return next(tensors)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_rebuild(v, tensors) for v in value)
+        return fn(value)
+    if isinstance(value, _CONSTANTS):
+        return value
+    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
+        return type(value)(_map_tensors(v, fn) for v in value)
     if isinstance(value, dict):
-        return {k: _rebuild(v, tensors) for k, v in value.items()}
+        mapped = {k: _map_tensors(v, fn) for k, v in value.items()}
+        return mapped if type(value) is dict else type(value)(**mapped)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _rebuild(getattr(value, f.name), tensors)
-                                             for f in dataclasses.fields(value) if f.init})
-    return value
+        return dataclasses.replace(value, **{f.name: _map_tensors(getattr(value, f.name), fn)
+                                             for f in _init_fields(value)})
+    raise TypeError(f"a graphed function must take and return tensors or containers of them "
+                    f"(got {type(value).__name__})")
+
+
+def _rebuild(value: Any, tensors: Iterator[torch.Tensor]) -> Any:
+    """``value`` with its tensors taken, in :func:`_flatten`'s order, from ``tensors``."""
+    return _map_tensors(value, lambda _: next(tensors))
 
 
 def _clone(value: Any) -> Any:
-    """A copy of every tensor of an output (tensors, tuples, lists, dicts, dataclasses, ``None``)."""
-    if value is None or isinstance(value, _CONSTANTS):
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, (tuple, list)) and not hasattr(value, "_fields"):
-        return type(value)(_clone(v) for v in value)
-    if isinstance(value, dict):     # transformers' ModelOutput is an ordered dict built from keywords
-        return type(value)(**{k: _clone(v) for k, v in value.items()})
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.replace(value, **{f.name: _clone(getattr(value, f.name))
-                                             for f in dataclasses.fields(value) if f.init})
-    raise TypeError(f"a graphed function must return tensors (got {type(value).__name__})")
+    """A copy of every tensor of an output."""
+    return _map_tensors(value, torch.Tensor.clone)
 
 
 def to_device(value: Any, device: torch.device) -> Any:
     """``value`` (a tensor, or a container or dataclass of tensors) with every tensor on ``device``."""
-    leaves: list[torch.Tensor] = []
-    _flatten(value, leaves)
-    return _rebuild(value, iter([t.to(device, non_blocking=True) for t in leaves]))
+    return _map_tensors(value, lambda t: t.to(device, non_blocking=True))
 
 
 _LIVE_GRAPHS: "weakref.WeakSet[torch.cuda.CUDAGraph]" = weakref.WeakSet()

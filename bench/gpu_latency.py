@@ -191,6 +191,18 @@ def flops_per_call(backend: Any, x: torch.Tensor, sigma: torch.Tensor, cond: Any
         return None
 
 
+def backend_grid(backend: Any, steps: int) -> torch.Tensor:
+    """The backend's default grid of ``steps`` steps (``steps + 1`` points)."""
+    return make_sigmas(backend.default_schedule(steps + 1), alphas_cumprod=getattr(backend, "alphas_cumprod", None))
+
+
+def epd_nfe20(backend: Any) -> tuple[torch.Tensor, Any]:
+    """EPD's grid and a uniform K = 2 table for NFE 20: 10 steps x 2 sequential evaluations (latency does not
+    depend on the table's values)."""
+    grid = backend_grid(backend, 10)
+    return grid, uniform_table(grid.numpy(), num_points=2)
+
+
 def _peer_pipeline(pipe: Any, model: str, compiled: bool) -> Any:
     """A second pipeline object over the same modules, with DPMSolverMultistepScheduler and, if ``compiled``,
     the denoiser compiled the way diffusers' documentation says to run it fast:
@@ -228,16 +240,11 @@ def bench_model(name: str, size: str, device: torch.device, rank: int, world: in
     want_fast = world == 1 and (not methods or any(m.endswith("_fast") for m in methods))
     fast = backend_from_pipeline(pipe, resolution=resolution, compile=True, **kwargs) if want_fast else None
     flow = eager.family == "flow"
-    alphas = getattr(eager, "alphas_cumprod", None)
     noise = seeded_noise([0], tuple(eager.shape), torch.float32, device=device)
     result["latent_shape"] = list(eager.shape)
     result["guidance"] = eager.guidance
 
-    def grid(steps: int) -> torch.Tensor:
-        return make_sigmas(eager.default_schedule(steps + 1), alphas_cumprod=alphas)
-
-    epd_grid = grid(10)                          # K = 2: 10 steps x 2 sequential evaluations = 20
-    table = uniform_table(epd_grid.numpy(), num_points=2)
+    epd_grid, table = epd_nfe20(eager)
     shard = DistributedPoints() if world > 1 and shard_points else None
 
     def end_to_end(backend: Any, sample: Callable[[torch.Tensor, Any], torch.Tensor], x_start: float,
@@ -249,7 +256,7 @@ def bench_model(name: str, size: str, device: torch.device, rank: int, world: in
         return run
 
     def ours(backend: Any, solver: str, steps: int, whole_loop: bool = False) -> Callable[[], torch.Tensor]:
-        sigmas = grid(steps)
+        sigmas = backend_grid(eager, steps)
         method = get_solver(solver)
         sample = lambda x, c: method(backend, x, sigmas, c, flow=flow)  # noqa: E731
         return end_to_end(backend, GraphedSampler(sample) if whole_loop else sample, float(sigmas[0]))
@@ -387,8 +394,9 @@ def bench_model(name: str, size: str, device: torch.device, rank: int, world: in
         sync = {}
         with torch.no_grad():
             cond = graphed.encode_prompts([PROMPT])
-            for label, call in (("dpmpp2m_20_graph", lambda: get_solver("dpmpp2m")(graphed, noise * float(grid(20)[0]),
-                                                                                   grid(20), cond, flow=flow)),
+            dpm_grid = backend_grid(eager, 20)
+            for label, call in (("dpmpp2m_20_graph", lambda: get_solver("dpmpp2m")(graphed, noise * float(dpm_grid[0]),
+                                                                                   dpm_grid, cond, flow=flow)),
                                 ("epd_k2_nfe20_graph", lambda: sample_epd(graphed, noise * float(epd_grid[0]), table,
                                                                           cond, flow=flow))):
                 call()
@@ -425,11 +433,9 @@ def first_image(name: str, device: torch.device) -> dict:
     _sync(device)
     out["load_s"] = time.perf_counter() - begin
     flow = fast.family == "flow"
-    alphas = getattr(fast, "alphas_cumprod", None)
     noise = seeded_noise([0], tuple(fast.shape), torch.float32, device=device)
-    sigmas = make_sigmas(fast.default_schedule(21), alphas_cumprod=alphas)
-    epd_grid = make_sigmas(fast.default_schedule(11), alphas_cumprod=alphas)
-    table = uniform_table(epd_grid.numpy(), num_points=2)
+    sigmas = backend_grid(fast, 20)
+    epd_grid, table = epd_nfe20(fast)
     samplers = {"dpmpp2m_20_fast": (GraphedSampler(lambda x, c: get_solver("dpmpp2m")(fast, x, sigmas, c, flow=flow)),
                                     float(sigmas[0])),
                 "epd_k2_nfe20_fast": (GraphedSampler(lambda x, c: sample_epd(fast, x, table, c, flow=flow)),
