@@ -27,10 +27,11 @@ bench: $(VENV)/.installed
 	for m in gmm digits; do OMP_NUM_THREADS=1 $(PY) -m solvers.bench --model $$m $(BENCH) --json docs/bench/$$m.json \
 		$$(for n in 3 5 7 9; do printf -- '--table epd-nfe%s=exps/%s/epd-nfe%s.pkl ' $$n $$m $$n; done) || exit 1; done
 
-# Re-distil the committed tables of the embedded models (a few minutes each on 2 CPU cores).
+# Recipe search and re-distillation of the analytic models' tables (2-6 min each on 2 CPU cores; a table is replaced
+# only when the new one scores better on the validation trajectories, docs/distill/recipe.md).
 distill: $(VENV)/.installed
 	for m in gmm digits; do for n in 3 5 7 9; do \
-		OMP_NUM_THREADS=1 $(PY) -m training.distill.launch --config configs/distill/$$m-nfe$$n.yaml || exit 1; done; done
+		OMP_NUM_THREADS=1 $(PY) -m training.distill.launch --config configs/distill/$$m-nfe$$n.yaml --search || exit 1; done; done
 
 # RDPO (Stage 2) on the digits model: 9 short runs and the report in docs/rdpo/ (about 3 minutes on 2 CPU cores).
 rdpo-demo: $(VENV)/.installed

@@ -236,7 +236,7 @@ def _backend_from(args: argparse.Namespace, table: PredictorTable | None, device
             config["compile"] = True
     for flag, used in (("--cuda-graphs", args.cuda_graphs), ("--compile", args.compile)):
         if used and (name in ANALYTIC_MODELS or name == "analytic"):
-            raise ValueError(f"{flag} applies to network backends (ldm, sd3, flux, edm, digits_edm), not the exact "
+            raise ValueError(f"{flag} applies to network backends (ldm, sd3, flux, edm, digits_edm, digits_ddpm), not the exact "
                              "analytic models")
     return load_backend(name, **config), name, config
 

@@ -10,7 +10,8 @@ or flow-matching states with ``D = x - sigma v``; ARCHITECTURE.md).
   also pick the data set's network. ``lsun_ldm`` (the ICCV LSUN-Bedroom latent model) is not available yet:
   loading it raises :class:`NotImplementedError` (docs/edm.md says what is missing).
 * ``digits_edm`` (:mod:`backends.digits_edm`): our small EDM network trained on the digits (16x16), the second
-  embedded default; its weights are committed under ``exps/digits_edm/``.
+  embedded default; its weights are committed under ``exps/digits_edm/``. ``digits_ddpm``: the same digits
+  as an epsilon-predicting discrete-time DDPM (linear betas), committed under ``exps/digits_ddpm/``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from .analytic import ANALYTIC_MODELS, AnalyticDiffusion, make_analytic
 __all__ = ["ANALYTIC_MODELS", "AnalyticDiffusion", "make_analytic", "load_backend", "backend_from_pipeline",
            "BACKENDS", "EDM_DATASET_ALIASES", "canonical_backend", "options_from_table"]
 
-BACKENDS = ("ldm", "sd3", "flux", "edm", "digits_edm") + ANALYTIC_MODELS
+BACKENDS = ("ldm", "sd3", "flux", "edm", "digits_edm", "digits_ddpm") + ANALYTIC_MODELS
 # Data-set names of the authors' ICCV tables (their dataset_name) that stand for an EDM network.
 EDM_DATASET_ALIASES = ("cifar10", "ffhq", "afhqv2", "imagenet64")
 _ALIASES = {"sd15": "ldm", "sd1.5": "ldm", "stable-diffusion": "ldm", "sd3-512": "sd3", "sd3-1024": "sd3",
@@ -78,7 +79,8 @@ def load_backend(name: str, **config: Any) -> Any:
     Pixel EDM: ``edm`` (or a data-set alias, which sets ``dataset``) with ``model_path`` (``.pkl`` or converted
     ``.safetensors``), ``dataset``, ``device``, ``dtype`` (auto/float16/float32), ``max_batch``, ``resolution``
     (:func:`backends.edm.load_edm_backend`). ``digits_edm``: the committed digits network, or ``model_path``
-    (:func:`backends.digits_edm.load_digits_edm`), with ``device``, ``dtype``, ``max_batch``, ``guidance``.
+    (:func:`backends.digits_edm.load_digits_edm`), with ``device``, ``dtype``, ``max_batch``, ``guidance``;
+    ``digits_ddpm`` likewise (:func:`backends.digits_edm.load_digits_ddpm`).
     Every network backend also takes ``cuda_graphs`` (replay network calls from CUDA graphs) and ``compile``
     (the fast path of :mod:`backends.compile`: compiled network, graphed calls; docs/benchmarks.md).
     """
@@ -109,6 +111,10 @@ def load_backend(name: str, **config: Any) -> Any:
         from .digits_edm import load_digits_edm
 
         return load_digits_edm(**config)
+    if name == "digits_ddpm":
+        from .digits_edm import load_digits_ddpm
+
+        return load_digits_ddpm(**config)
     if name == "lsun_ldm":
         raise NotImplementedError(
             "the lsun_ldm backend (the ICCV LSUN-Bedroom latent diffusion model, CompVis lsun_bedrooms-ldm-vq-4) "

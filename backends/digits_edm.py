@@ -1,4 +1,11 @@
-"""``digits_edm``: our own small EDM network trained on the bundled digits, the second embedded default.
+"""``digits_edm`` and ``digits_ddpm``: our own small networks trained on the bundled digits, the embedded defaults
+that are real trained denoisers.
+
+``digits_ddpm`` is the other kind of model people bring: an epsilon-predicting discrete-time DDPM with linear
+betas 1e-4..0.02 over 1000 steps (the parameterisation of SD1.5 and most community checkpoints;
+:class:`~backends.edm_networks.DDPMPrecond` around the same U-Net), trained by ``scripts/train_digits_edm.py
+--kind ddpm`` and committed as ``exps/digits_ddpm/network.safetensors``. Its noise range is its schedule's,
+sigma 0.01..157, and it offers its own ``discrete`` grid. Everything below applies to both.
 
 The analytic ``digits`` model (:mod:`backends.analytic`) is exact but memorises; this one is a real trained
 denoiser: an :class:`~backends.edm_networks.EDMPrecond` (sigma_data 0.5) around a class-conditional
@@ -29,12 +36,15 @@ import torch
 from .analytic import AnalyticDiffusion, load_digits_data
 from .edm import EDMBackend, load_edm_backend
 
-__all__ = ["DigitsEDMBackend", "load_digits_edm", "digits_edm_path", "digits_images", "digits_split",
-           "DEFAULT_NETWORK", "ENV_VAR", "HELDOUT", "RESOLUTION", "NUM_CLASSES"]
+__all__ = ["DigitsEDMBackend", "DigitsDDPMBackend", "load_digits_edm", "load_digits_ddpm", "digits_edm_path",
+           "digits_images", "digits_split", "DEFAULT_NETWORK", "DEFAULT_DDPM_NETWORK", "ENV_VAR", "DDPM_ENV_VAR",
+           "HELDOUT", "RESOLUTION", "NUM_CLASSES"]
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_NETWORK = ROOT / "exps" / "digits_edm" / "network.safetensors"
 ENV_VAR = "DIGITS_EDM_PATH"
+DEFAULT_DDPM_NETWORK = ROOT / "exps" / "digits_ddpm" / "network.safetensors"
+DDPM_ENV_VAR = "DIGITS_DDPM_PATH"
 HELDOUT = 297          # the last 297 of the 1797 digits are never trained on
 RESOLUTION = 16
 NUM_CLASSES = 10
@@ -105,17 +115,42 @@ class DigitsEDMBackend(EDMBackend):
         return {**super().describe(), "backend": self.name, "guidance": self.guidance}
 
 
-def digits_edm_path(model_path: str | os.PathLike | None = None, default_model_path: str | None = None) -> Path:
-    """``model_path``, else ``$DIGITS_EDM_PATH``, else ``default_model_path``, else the committed
-    ``exps/digits_edm/network.safetensors``; a missing file is a :class:`FileNotFoundError` naming it."""
-    chosen = model_path or os.environ.get(ENV_VAR) or default_model_path
-    path = Path(chosen).expanduser() if chosen else DEFAULT_NETWORK
+class DigitsDDPMBackend(DigitsEDMBackend):
+    """The digits DDPM (:class:`~backends.edm_networks.DDPMPrecond`) with the digits conventions."""
+
+    name = "digits_ddpm"
+
+
+_KINDS = {"digits_edm": (DEFAULT_NETWORK, ENV_VAR, "EDMPrecond", DigitsEDMBackend, ""),
+          "digits_ddpm": (DEFAULT_DDPM_NETWORK, DDPM_ENV_VAR, "DDPMPrecond", DigitsDDPMBackend, " --kind ddpm")}
+
+
+def digits_edm_path(model_path: str | os.PathLike | None = None, default_model_path: str | None = None,
+                    kind: str = "digits_edm") -> Path:
+    """``model_path``, else ``$DIGITS_EDM_PATH`` (``$DIGITS_DDPM_PATH``), else ``default_model_path``, else the
+    committed ``exps/<kind>/network.safetensors``; a missing file is a :class:`FileNotFoundError` naming it."""
+    default, env, _, _, flag = _KINDS[kind]
+    chosen = model_path or os.environ.get(env) or default_model_path
+    path = Path(chosen).expanduser() if chosen else default
     if not path.is_file():
         raise FileNotFoundError(
-            f"the digits_edm network {path} is missing. It is committed to the repository as "
-            f"exps/digits_edm/network.safetensors; to make one, run `python scripts/train_digits_edm.py --out "
-            f"exps/digits_edm` (a GPU is advisable), or point model_path / ${ENV_VAR} at another file.")
+            f"the {kind} network {path} is missing. It is committed to the repository as "
+            f"exps/{kind}/network.safetensors; to make one, run `python scripts/train_digits_edm.py{flag} --out "
+            f"exps/{kind}` (a GPU is advisable), or point model_path / ${env} at another file.")
     return path
+
+
+def _load(kind: str, model_path: Any, default_model_path: Any, device: Any, dtype: Any, max_batch: int | None,
+          resolution: int | None, guidance: float | None, cuda_graphs: bool, compile: bool) -> DigitsEDMBackend:
+    path = digits_edm_path(model_path, default_model_path, kind)
+    _, _, precond, cls, _ = _KINDS[kind]
+    base = load_edm_backend(path, device=device, dtype=dtype, max_batch=max_batch, resolution=resolution)
+    if int(base.net.img_channels) != 1:
+        raise ValueError(f"{path} is not a digits network (it has {base.net.img_channels} channels, not 1)")
+    if type(base.net).__name__ != precond:
+        raise ValueError(f"{path} holds a {type(base.net).__name__}; the {kind} backend needs a {precond}")
+    return cls(base.net, max_batch=max_batch, info=base.info, guidance=1.0 if guidance is None else float(guidance),
+               cuda_graphs=cuda_graphs, compile=compile)
 
 
 def load_digits_edm(model_path: str | os.PathLike | None = None, *, default_model_path: str | None = None,
@@ -125,10 +160,16 @@ def load_digits_edm(model_path: str | os.PathLike | None = None, *, default_mode
                     compile: bool = False) -> DigitsEDMBackend:
     """Load the digits EDM network (:func:`digits_edm_path`) through :func:`backends.edm.load_edm_backend`.
     ``device`` defaults to CUDA when available; ``dtype`` auto/float16/float32 as for ``edm``."""
-    path = digits_edm_path(model_path, default_model_path)
-    base = load_edm_backend(path, device=device, dtype=dtype, max_batch=max_batch, resolution=resolution)
-    if int(base.net.img_channels) != 1:
-        raise ValueError(f"{path} is not a digits network (it has {base.net.img_channels} channels, not 1)")
-    return DigitsEDMBackend(base.net, max_batch=max_batch, info=base.info,
-                            guidance=1.0 if guidance is None else float(guidance), cuda_graphs=cuda_graphs,
-                            compile=compile)
+    return _load("digits_edm", model_path, default_model_path, device, dtype, max_batch, resolution, guidance,
+                 cuda_graphs, compile)
+
+
+def load_digits_ddpm(model_path: str | os.PathLike | None = None, *, default_model_path: str | None = None,
+                     device: str | torch.device | None = None, dtype: str | torch.dtype | None = "auto",
+                     max_batch: int | None = None, resolution: int | None = None,
+                     guidance: float | None = None, cuda_graphs: bool = False,
+                     compile: bool = False) -> DigitsEDMBackend:
+    """Load the digits DDPM (``exps/digits_ddpm/network.safetensors`` or ``$DIGITS_DDPM_PATH``), as
+    :func:`load_digits_edm`."""
+    return _load("digits_ddpm", model_path, default_model_path, device, dtype, max_batch, resolution, guidance,
+                 cuda_graphs, compile)

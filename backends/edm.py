@@ -79,7 +79,8 @@ def class_labels_for_seeds(seeds: Sequence[int], num_classes: int, shape: Sequen
 
 
 class EDMBackend:
-    """A preconditioned EDM network (``VPPrecond``/``VEPrecond``/``iDDPMPrecond``/``EDMPrecond``) as a denoiser.
+    """A preconditioned EDM network (``VPPrecond``/``VEPrecond``/``iDDPMPrecond``/``EDMPrecond``, or our discrete-time
+    ``DDPMPrecond``) as a denoiser.
 
     ``max_batch`` splits larger calls (such as the B*K rows of a parallel EPD step) into chunks. ``info`` is
     what the loader recorded (checkpoint file, sha256, constructor keywords). ``cuda_graphs`` replays each
@@ -108,8 +109,13 @@ class EDMBackend:
         if self.max_batch is not None and self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.info = dict(info or {})
-        self.sigma_min = max(EDM_SIGMA_MIN, float(getattr(net, "sigma_min", 0.0)))
-        self.sigma_max = min(EDM_SIGMA_MAX, float(getattr(net, "sigma_max", float("inf"))))
+        # A discrete-time network (DDPMPrecond) keeps its own range and offers its own grid ("discrete").
+        self.alphas_cumprod = getattr(net, "alphas_cumprod", None)
+        if self.alphas_cumprod is not None:
+            self.sigma_min, self.sigma_max = float(net.sigma_min), float(net.sigma_max)
+        else:
+            self.sigma_min = max(EDM_SIGMA_MIN, float(getattr(net, "sigma_min", 0.0)))
+            self.sigma_max = min(EDM_SIGMA_MAX, float(getattr(net, "sigma_max", float("inf"))))
 
     # -- what sample.py and the trainers read -------------------------------------------------------------
     @property
@@ -140,7 +146,11 @@ class EDMBackend:
         return float(getattr(self.net, "sigma_min", 0.0)), float(getattr(self.net, "sigma_max", float("inf")))
 
     def default_schedule(self, num_steps: int, variant: str = "correct") -> ScheduleSpec:
-        """EDM's polynomial grid, rho = 7, over ``[sigma_min, sigma_max]`` (Karras et al. eq. 5)."""
+        """EDM's polynomial grid, rho = 7, over ``[sigma_min, sigma_max]`` (Karras et al. eq. 5); a discrete-time
+        network's own grid, uniform in its timesteps."""
+        if self.alphas_cumprod is not None:
+            return ScheduleSpec(kind="discrete", num_steps=num_steps, sigma_min=self.sigma_min,
+                                sigma_max=self.sigma_max, rho=1.0, variant=variant)
         return ScheduleSpec(kind="polynomial", num_steps=num_steps, sigma_min=self.sigma_min,
                             sigma_max=self.sigma_max, rho=7.0, variant=variant)
 

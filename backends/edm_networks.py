@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding", "FourierEmbedding", "SongUNet",
-           "DhariwalUNet", "VPPrecond", "VEPrecond", "iDDPMPrecond", "EDMPrecond", "PRECOND_CLASSES",
+           "DhariwalUNet", "VPPrecond", "VEPrecond", "iDDPMPrecond", "EDMPrecond", "DDPMPrecond", "PRECOND_CLASSES",
            "NETWORK_CLASSES", "build_precond", "tiny_precond"]
 
 
@@ -581,8 +581,43 @@ class EDMPrecond(_Precond):
                 1 / (sd2 + sigma ** 2).sqrt(), sigma.log() / 4)
 
 
+class DDPMPrecond(_Precond):
+    """A discrete-time epsilon-predicting DDPM (Ho et al. 2020; the parameterisation of SD1.5 and most community
+    checkpoints) in VE coordinates: ``D(x, s) = x - s eps(x / sqrt(s^2 + 1), t(s))`` with ``t(s)`` the fractional
+    training timestep of the beta schedule (:class:`solvers.schedules.VPDiscreteMap`, exactly n at sigma_n and
+    differentiable in between). Not one of NVIDIA's classes: ours, for ``digits_ddpm`` (backends/digits_edm.py).
+    The noise range is the schedule's own, ``[sigma_0, sigma_{M-1}]``; ``alphas_cumprod`` gives its discrete grid."""
+
+    default_model_type = "SongUNet"
+
+    def __init__(self, img_resolution: int, img_channels: int, label_dim: int = 0, use_fp16: bool = False,
+                 beta_schedule: str = "linear", beta_start: float = 1e-4, beta_end: float = 0.02,
+                 num_timesteps: int = 1000, model_type: str = "SongUNet", **model_kwargs: Any):
+        super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
+        _record_kwargs(self, locals(), model_kwargs)
+        from solvers.schedules import VPDiscreteMap, beta_alphas_cumprod
+
+        self.alphas_cumprod = beta_alphas_cumprod(beta_schedule, float(beta_start), float(beta_end), int(num_timesteps))
+        self.vp = VPDiscreteMap(self.alphas_cumprod)
+        self.sigma_min, self.sigma_max = self.vp.sigma_min, self.vp.sigma_max
+
+    def preconditioning(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        c_noise = self.vp.timestep(sigma).to(torch.float32)
+        return torch.ones_like(sigma), -sigma, 1 / (sigma ** 2 + 1).sqrt(), c_noise
+
+    def epsilon(self, x_vp: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The raw noise prediction ``eps(x_t, t)`` at VP states and integer (or fractional) timesteps: what the
+        DDPM loss ``|eps - eps(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)|^2`` trains."""
+        labels = None if self.label_dim == 0 else (
+            torch.zeros([1, self.label_dim], device=x_vp.device) if class_labels is None
+            else class_labels.to(device=x_vp.device, dtype=torch.float32).reshape(-1, self.label_dim))
+        out = self.model(x_vp.to(torch.float32), timesteps.to(torch.float32).flatten(), class_labels=labels)
+        return out[:, :self.img_channels].to(torch.float32)
+
+
 PRECOND_CLASSES: dict[str, type[_Precond]] = {"VPPrecond": VPPrecond, "VEPrecond": VEPrecond,
-                                              "iDDPMPrecond": iDDPMPrecond, "EDMPrecond": EDMPrecond}
+                                              "iDDPMPrecond": iDDPMPrecond, "EDMPrecond": EDMPrecond,
+                                              "DDPMPrecond": DDPMPrecond}
 
 
 def build_precond(class_name: str, init_args: Sequence[Any] = (), init_kwargs: dict | None = None) -> _Precond:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from solvers.schedules import ScheduleSpec, VPDiscreteMap
+from solvers.schedules import ScheduleSpec, VPDiscreteMap, beta_alphas_cumprod
 
 from .diffusers_base import (DiffusersBackend, ModelNotFoundError, PromptCondition, load_pipeline, place_pipeline,
                              resolve_dtype, resolve_model_path)
@@ -33,17 +33,12 @@ def alphas_cumprod_from_config(config: Any) -> np.ndarray:
     """``alphas_cumprod`` from a diffusers scheduler config, computed in float64 and stored as float32 as the
     LDM code keeps its buffer (spec 5.1); ``linear`` and ``scaled_linear`` beta schedules."""
     n = int(config.get("num_train_timesteps", 1000))
-    start, end = float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012))
-    kind = config.get("beta_schedule", "scaled_linear")
     if config.get("trained_betas") is not None:
-        betas = np.asarray(config["trained_betas"], dtype=np.float64)
-    elif kind == "scaled_linear":
-        betas = np.linspace(start ** 0.5, end ** 0.5, n, dtype=np.float64) ** 2
-    elif kind == "linear":
-        betas = np.linspace(start, end, n, dtype=np.float64)
-    else:
+        return np.cumprod(1.0 - np.asarray(config["trained_betas"], dtype=np.float64)).astype(np.float32)
+    kind = config.get("beta_schedule", "scaled_linear")
+    if kind not in ("linear", "scaled_linear"):
         raise ValueError(f"beta_schedule {kind!r} is not supported by the ldm backend (linear, scaled_linear)")
-    return np.cumprod(1.0 - betas).astype(np.float32)
+    return beta_alphas_cumprod(kind, float(config.get("beta_start", 0.00085)), float(config.get("beta_end", 0.012)), n)
 
 
 class StableDiffusionBackend(DiffusersBackend):

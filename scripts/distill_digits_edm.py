@@ -34,10 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from solvers.core import seeded_noise  # noqa: E402
 from training.distill.config import load_config  # noqa: E402
-from training.distill.teacher import teacher_states  # noqa: E402
-from training.distill.trainer import Distiller, noise_seeds, train  # noqa: E402
+from training.distill.trainer import Distiller, train  # noqa: E402
 
 CONFIGS = ROOT / "configs" / "distill"
 OVERHEAD_S = 4.0      # per table: loading the network, the run folder, the final table files and plot
@@ -50,30 +48,8 @@ def _sync(distiller: Distiller) -> None:
 
 def fill_teacher_cache(distiller: Distiller, iterations: int, chunk: int) -> tuple[int, float]:
     """Teacher states of iterations ``0 .. iterations-1`` into the distiller's cache, ``chunk`` trajectories per
-    teacher solve. Returns (trajectories computed, seconds)."""
-    config = distiller.config
-    if distiller.cache is None:
-        raise ValueError("the teacher cache is off (teacher.cache); it is needed to precompute the teacher")
-    if config.conditions.prompt_file or int(config.conditions.num_classes) > 0 or distiller.flow:
-        raise ValueError("precomputing covers unconditional VE runs only (as configs/distill/digits_edm*.yaml)")
-    batch = int(config.batch)
-    todo = [i for i in range(iterations) if distiller.cache.get(distiller.batch_ids(i)) is None]
-    per_solve = max(1, chunk // batch)
-    start, count = time.perf_counter(), 0
-    teacher = config.teacher
-    for lo in range(0, len(todo), per_solve):
-        group = todo[lo:lo + per_solve]
-        ids = torch.cat([distiller.batch_ids(i) for i in group])
-        noise = seeded_noise(noise_seeds(int(config.seed), ids), tuple(distiller.backend.shape), distiller.dtype,
-                             distiller.device)
-        states = teacher_states(distiller.backend, noise * float(distiller.sigmas[0]), distiller.sigmas, None,
-                                solver=teacher.solver, M=int(teacher.M), schedule=distiller.schedule,
-                                rtol=float(teacher.rtol))
-        for k, i in enumerate(group):
-            distiller.cache.put(distiller.batch_ids(i), states[:, k * batch:(k + 1) * batch])
-        count += len(ids)
-    _sync(distiller)
-    return count, time.perf_counter() - start
+    teacher solve (:meth:`training.distill.trainer.Distiller.precompute_teacher`). Returns (computed, seconds)."""
+    return distiller.precompute_teacher(range(iterations), chunk)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,8 @@
-"""Train the ``digits_edm`` network: a small class-conditional EDM U-Net on the bundled digits at 16x16.
+"""Train the ``digits_edm`` network (a small class-conditional EDM U-Net on the bundled digits at 16x16), or with
+``--kind ddpm`` the ``digits_ddpm`` network (the same U-Net as an epsilon-predicting discrete-time DDPM).
 
     python scripts/train_digits_edm.py --out exps/digits_edm --device cuda --time-budget-s 240
+    python scripts/train_digits_edm.py --kind ddpm --out exps/digits_ddpm --device cuda --time-budget-s 240
     python scripts/train_digits_edm.py --out /tmp/d --tiny --steps 20 --batch 16 --device cpu    # smoke run
 
 Data: the 1797 scikit-learn digits, bilinearly upsampled from 8x8 to 16x16, in [-1, 1]; the first 1500 are
@@ -8,7 +10,8 @@ trained on (each randomly translated by up to ``--shift-augment`` pixels, border
 held out (:func:`backends.digits_edm.digits_split`). Network: ``EDMPrecond``
 (sigma_data 0.5) around a ``SongUNet`` (DDPM++) with 10 classes and label dropout, so that the zero label
 (-1) is the unconditional model. Loss: EDM's, ``ln sigma ~ N(-1.2, 1.2^2)``, weight
-``(sigma^2 + sd^2) / (sigma sd)^2``; Adam with a linear warm-up then a constant rate; an EMA of the weights with
+``(sigma^2 + sd^2) / (sigma sd)^2``. With ``--kind ddpm``: ``DDPMPrecond`` (linear betas 1e-4..0.02, 1000
+steps) and Ho et al.'s loss ``|eps - eps(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)|^2``, t uniform. Adam with a linear warm-up then a constant rate; an EMA of the weights with
 EDM's half-life and ramp-up. The run stops after ``--steps`` or when ``--time-budget-s`` is spent, whichever
 comes first, and still writes everything.
 
@@ -38,9 +41,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from backends.digits_edm import HELDOUT, NUM_CLASSES, digits_split, load_digits_edm  # noqa: E402
+from backends.digits_edm import HELDOUT, NUM_CLASSES, digits_split, load_digits_ddpm, load_digits_edm  # noqa: E402
 from backends.edm_checkpoint import save_edm  # noqa: E402
-from backends.edm_networks import EDMPrecond  # noqa: E402
+from backends.edm_networks import DDPMPrecond, EDMPrecond  # noqa: E402
 from solvers.core import seeded_noise  # noqa: E402
 from solvers.registry import get_solver  # noqa: E402
 from solvers.schedules import polynomial_sigmas  # noqa: E402
@@ -54,7 +57,10 @@ SAMPLE_SOLVER, SAMPLE_STEPS = "heun", 32        # samples.png and the card's sta
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--out", type=Path, default=ROOT / "exps" / "digits_edm")
+    p.add_argument("--kind", choices=("edm", "ddpm"), default="edm",
+                   help="edm: digits_edm (EDM preconditioning and loss); ddpm: digits_ddpm (epsilon prediction, "
+                        "linear betas 1e-4..0.02 over 1000 steps)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default exps/digits_<kind>)")
     p.add_argument("--steps", type=int, default=40000, help="maximum optimiser steps (default 40000)")
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -100,7 +106,9 @@ def architecture(args: argparse.Namespace) -> dict:
     else:
         mc, mult, blocks = args.model_channels, [int(v) for v in args.channel_mult.split(",")], args.num_blocks
         attn = [int(v) for v in args.attn.split(",") if v.strip()]
-    return dict(img_resolution=args.resolution, img_channels=1, label_dim=NUM_CLASSES, sigma_data=SIGMA_DATA,
+    kind = {"sigma_data": SIGMA_DATA} if args.kind == "edm" else \
+        {"beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02, "num_timesteps": 1000}
+    return dict(img_resolution=args.resolution, img_channels=1, label_dim=NUM_CLASSES, **kind,
                 model_type="SongUNet", model_channels=mc, channel_mult=mult, num_blocks=blocks,
                 attn_resolutions=attn, dropout=args.dropout, label_dropout=args.label_dropout,
                 channel_mult_emb=4, embedding_type="positional", encoder_type="standard", decoder_type="standard")
@@ -133,15 +141,38 @@ def edm_loss(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, g
     return (weight * (denoised - images) ** 2).flatten(1).mean(1)
 
 
+def ddpm_loss(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, generator=None) -> torch.Tensor:
+    """Ho et al.'s simple loss per image ``[B]``: ``mean (eps - eps(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t))^2``
+    with the timestep t uniform over the schedule."""
+    batch = images.shape[0]
+    abar = torch.as_tensor(net.alphas_cumprod, device=images.device, dtype=torch.float32)
+    t = torch.randint(0, abar.numel(), (batch,), device=images.device, generator=generator)
+    noise = torch.randn(images.shape, device=images.device, generator=generator)
+    a = abar[t].reshape(-1, 1, 1, 1)
+    onehot = torch.nn.functional.one_hot(labels, NUM_CLASSES).float()
+    predicted = net.epsilon(a.sqrt() * images + (1 - a).sqrt() * noise, t, onehot)
+    return ((predicted - noise) ** 2).flatten(1).mean(1)
+
+
+LOSSES = {"edm": edm_loss, "ddpm": ddpm_loss}
+PRECONDS = {"edm": EDMPrecond, "ddpm": DDPMPrecond}
+LOADERS = {"edm": load_digits_edm, "ddpm": load_digits_ddpm}
+
+
+def _kind(net: torch.nn.Module) -> str:
+    return "ddpm" if isinstance(net, DDPMPrecond) else "edm"
+
+
 @torch.no_grad()
 def eval_loss(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, repeats: int = 4) -> float:
-    """The EDM loss of a fixed set of images with fixed noise and noise levels (seed 12345), eval mode."""
+    """The training loss of a fixed set of images with fixed noise and noise levels (seed 12345), eval mode."""
     was_training = net.training
     net.eval()
     gen = torch.Generator(device=images.device).manual_seed(12345)
     total = 0.0
+    loss = LOSSES[_kind(net)]
     for _ in range(repeats):
-        total += float(edm_loss(net, images, labels, gen).mean())
+        total += float(loss(net, images, labels, gen).mean())
     net.train(was_training)
     return total / repeats
 
@@ -172,7 +203,7 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss(records: list[dict], path: Path) -> None:
+def plot_loss(records: list[dict], path: Path, title: str = "digits_edm training", ylabel: str = "EDM loss") -> None:
     import io
 
     import matplotlib
@@ -193,8 +224,8 @@ def plot_loss(records: list[dict], path: Path) -> None:
                 label=f"EMA net, {HELDOUT} held-out images (fixed noise)")
     ax.set_yscale("log")
     ax.set_xlabel("optimiser step")
-    ax.set_ylabel("EDM loss")
-    ax.set_title("digits_edm training")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -242,11 +273,11 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
 
 
 def card_statistics(network_path: Path, device: torch.device, samples: int, out: Path,
-                    steps: int = SAMPLE_STEPS) -> dict:
+                    steps: int = SAMPLE_STEPS, kind: str = "edm") -> dict:
     """samples.png (rows: digits 0-9 and unconditional) and sample statistics of the saved network."""
     from solvers.bench import frechet_distance
 
-    backend = load_digits_edm(network_path, device=device, dtype="float32")
+    backend = LOADERS[kind](network_path, device=device, dtype="float32")
     split = digits_split(int(backend.shape[-1]))
     train_images, heldout = split["train"][0], split["heldout"][0]
     cols = 12
@@ -276,13 +307,17 @@ def card_statistics(network_path: Path, device: torch.device, samples: int, out:
 def write_card(out: Path, info: dict, stats: dict | None) -> None:
     arch = info["architecture"]
     t = info["training"]
+    ddpm = info.get("kind") == "ddpm"
+    name = "digits_ddpm" if ddpm else "digits_edm"
     lines = [
-        "# digits_edm: a small EDM network on the bundled digits",
+        f"# {name}: a small {'epsilon-prediction DDPM' if ddpm else 'EDM network'} on the bundled digits",
         "",
-        "The second embedded model of this repository (`load_backend(\"digits_edm\")`, `backends/digits_edm.py`):",
-        "a real trained denoiser, unlike the exact analytic `digits`/`gmm` models. Made by "
-        "`scripts/train_digits_edm.py` (this card, `network.safetensors`, `train-log.jsonl`, `loss.png` and "
-        "`samples.png` are its outputs).",
+        f"An embedded model of this repository (`load_backend(\"{name}\")`, `backends/digits_edm.py`): "
+        "a real trained denoiser, unlike the exact analytic `digits`/`gmm` models"
+        + (", and of the kind most community checkpoints are: discrete time, epsilon prediction, linear betas"
+           if ddpm else "") + ". Made by "
+        f"`scripts/train_digits_edm.py{' --kind ddpm' if ddpm else ''}` (this card, `network.safetensors`, "
+        "`train-log.jsonl`, `loss.png` and `samples.png` are its outputs).",
         "",
         "## Data",
         "",
@@ -296,7 +331,10 @@ def write_card(out: Path, info: dict, stats: dict | None) -> None:
         "",
         "## Network",
         "",
-        f"`EDMPrecond` (sigma_data {arch['sigma_data']}) around a class-conditional `SongUNet` (DDPM++ blocks): "
+        (f"`DDPMPrecond` (epsilon prediction, {arch.get('beta_schedule')} betas {arch.get('beta_start')}.."
+         f"{arch.get('beta_end')} over {arch.get('num_timesteps')} steps; D(x, s) = x - s eps(x / sqrt(1 + s^2), t(s)) "
+         "with t(s) the fractional timestep)" if ddpm else f"`EDMPrecond` (sigma_data {arch.get('sigma_data')})")
+        + " around a class-conditional `SongUNet` (DDPM++ blocks): "
         f"{arch['img_resolution']}x{arch['img_resolution']}x1, {arch['model_channels']} channels, levels "
         f"{arch['channel_mult']}, {arch['num_blocks']} blocks per level, self-attention at "
         f"{arch['attn_resolutions']} (and in the bottleneck), dropout {arch['dropout']}, 10 classes with label "
@@ -304,11 +342,14 @@ def write_card(out: Path, info: dict, stats: dict | None) -> None:
         "classifier-free guidance works). "
         f"**{info['parameters']:,} parameters**; `network.safetensors` stores the EMA weights as "
         f"{info['weights_dtype']} ({info['file_bytes'] / 1e6:.2f} MB; the network computes in float32). "
-        "Noise range 0.002..80 (EDM's).",
+        + ("Noise range: the schedule's own, sigma 0.01..157 (its discrete grid is the `discrete` schedule)."
+         if ddpm else "Noise range 0.002..80 (EDM's)."),
         "",
         "## Training",
         "",
-        f"- EDM loss: ln sigma ~ N({P_MEAN}, {P_STD}^2), weight (sigma^2 + 0.25) / (0.5 sigma)^2",
+        ("- DDPM loss (Ho et al. 2020): |eps - eps(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)|^2, t uniform over "
+         "the 1000 steps" if ddpm else
+         f"- EDM loss: ln sigma ~ N({P_MEAN}, {P_STD}^2), weight (sigma^2 + 0.25) / (0.5 sigma)^2"),
         f"- Adam (0.9, 0.999, eps 1e-8), learning rate {t['lr']:g} after a linear warm-up of {t['warmup']} steps, "
         f"then constant; batch {t['batch']}; EMA half-life {t['ema_halflife_kimg']:g} kimg with ramp-up "
         f"{t['ema_rampup']:g}",
@@ -351,9 +392,9 @@ def write_card(out: Path, info: dict, stats: dict | None) -> None:
         "## Use",
         "",
         "```bash",
-        "python sample.py --backend digits_edm --solver dpmpp2m --steps 10 --prompt 3 --seeds 0-63 --grid",
-        "python -m solvers.bench --model digits_edm ...        # docs/bench/digits_edm.md",
-        "python -m training.distill.launch --config configs/distill/digits_edm-nfe5.yaml",
+        f"python sample.py --backend {name} --solver dpmpp2m --steps 10 --prompt 3 --seeds 0-63 --grid",
+        f"python -m solvers.bench --model {name} ...        # docs/bench/{name}.md",
+        f"python -m training.distill.launch --config configs/distill/{name}-nfe5.yaml --search",
         "```",
         "",
         f"Created {info['created']}.",
@@ -366,9 +407,10 @@ def write_card(out: Path, info: dict, stats: dict | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start_wall = time.perf_counter()
-    out: Path = args.out
+    out: Path = args.out or ROOT / "exps" / f"digits_{args.kind}"
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    precond, train_loss = PRECONDS[args.kind], LOSSES[args.kind]
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -377,8 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     log_path, ckpt_path = out / "train-log.jsonl", out / "checkpoint.pt"
 
     torch.manual_seed(args.seed)
-    net = EDMPrecond(**arch).to(device).train().requires_grad_(True)
-    ema = EDMPrecond(**arch).to(device).eval().requires_grad_(False)
+    net = precond(**arch).to(device).train().requires_grad_(True)
+    ema = precond(**arch).to(device).eval().requires_grad_(False)
     ema.load_state_dict(net.state_dict())
     params = sum(p.numel() for p in net.parameters())
     opt_kwargs = {"fused": True} if device.type == "cuda" else {}
@@ -403,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
     train_x, train_y = (t.to(device) for t in split["train"])
     held_x, held_y = (t.to(device) for t in split["heldout"])
     probe_x, probe_y = train_x[:HELDOUT], train_y[:HELDOUT]
-    print(f"digits_edm: {params:,} parameters, {len(train_x)} training / {len(held_x)} held-out images at "
+    print(f"digits_{args.kind}: {params:,} parameters, {len(train_x)} training / {len(held_x)} held-out images at "
           f"{args.resolution}x{args.resolution}, batch {args.batch}, device {device_name(device)}", flush=True)
 
     ema_params, net_params = list(ema.parameters()), list(net.parameters())
@@ -419,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, desc="train digits_edm", unit="step",
+    bar = tqdm(total=args.steps, initial=step, disable=args.no_progress, desc=f"train digits_{args.kind}", unit="step",
                mininterval=2.0)
     loss_sum = torch.zeros((), device=device)
     interval_start, interval_steps = time.perf_counter(), 0
@@ -434,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = torch.randint(len(train_x), (args.batch,), device=device)
-        loss = edm_loss(net, shift_augment(train_x[idx], args.shift_augment), train_y[idx]).mean()
+        loss = train_loss(net, shift_augment(train_x[idx], args.shift_augment), train_y[idx]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -493,20 +535,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{final_eval['heldout_loss_ema']:.4f}", flush=True)
 
     # the EMA network, float16 tensors by default
-    export = EDMPrecond(**arch).eval().requires_grad_(False)
+    export = precond(**arch).eval().requires_grad_(False)
     export.load_state_dict({k: v.detach().cpu() for k, v in ema.state_dict().items()})
     if args.weights_dtype == "float16":
         export = export.half()
     network_path = out / "network.safetensors"
     source = {"trainer": "scripts/train_digits_edm.py", "data": "sklearn digits 8x8 -> 16x16 bilinear, first 1500",
               "steps": step, "batch": args.batch, "seed": args.seed, "weights": "EMA",
-              "weights_dtype": args.weights_dtype, "shift_augment": args.shift_augment, "lr": args.lr}
+              "weights_dtype": args.weights_dtype, "shift_augment": args.shift_augment, "lr": args.lr,
+              "kind": args.kind}
     save_edm(export, network_path, source=source)
     records = read_log(log_path)
-    plot_loss(records, out / "loss.png")
+    plot_loss(records, out / "loss.png", f"digits_{args.kind} training",
+              "EDM loss" if args.kind == "edm" else "DDPM epsilon loss")
     speeds = [r["steps_per_s"] for r in records if r.get("kind") == "train" and r.get("steps_per_s")]
     info = {
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "architecture": arch,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "kind": args.kind, "architecture": arch,
         "parameters": params, "weights_dtype": args.weights_dtype, "shift_augment": args.shift_augment,
         "file_bytes": network_path.stat().st_size,
         "training": {"steps": step, "batch": args.batch, "kimg": step * args.batch / 1000,
@@ -521,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     stats = None
     if args.card_samples > 0:
         t0 = time.perf_counter()
-        stats = card_statistics(network_path, device, args.card_samples, out, args.sample_steps)
+        stats = card_statistics(network_path, device, args.card_samples, out, args.sample_steps, args.kind)
         info["card_seconds"] = time.perf_counter() - t0
     info["statistics"] = stats
     atomic_text(out / "train-info.json", json.dumps(info, indent=1))

@@ -68,14 +68,14 @@ from .registry import get_solver, steps_for_nfe
 from .schedules import ScheduleSpec, default_rho, make_sigmas
 from .table import atomic_write, load_table
 
-__all__ = ["frechet_distance", "run_benchmark", "best_rows", "summarize", "markdown", "plot", "main",
+__all__ = ["frechet_distance", "run_benchmark", "measure", "condition_rows", "baseline_rows", "table_row", "baseline_jobs", "best_rows", "summarize", "markdown", "plot", "main",
            "fine_reference", "BENCH_MODELS"]
 
-BENCH_SCHEDULES = ("polynomial", "logsnr", "time_uniform")
-BENCH_MODELS = ("gmm", "digits", "digits_edm")
-NETWORK_MODELS = ("digits_edm",)
+BENCH_SCHEDULES = ("polynomial", "logsnr", "time_uniform", "discrete")
+BENCH_MODELS = ("gmm", "digits", "digits_edm", "digits_ddpm")
+NETWORK_MODELS = ("digits_edm", "digits_ddpm")
 REF_SOLVER, REF_STEPS = "dpmpp3m", 256          # the network models' reference (checked against REF_STEPS / 2)
-SCHEDULE_TAGS = {"polynomial": "poly", "logsnr": "logsnr", "time_uniform": "uni"}
+SCHEDULE_TAGS = {"polynomial": "poly", "logsnr": "logsnr", "time_uniform": "uni", "discrete": "disc"}
 
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
@@ -120,22 +120,27 @@ def _reference(model: Any, noise: torch.Tensor, sigma_max: float, ends: list[flo
 
 
 def fine_reference(model: Any, noise: torch.Tensor, sigma_max: float, ends: list[float], solver: str = REF_SOLVER,
-                   steps: int = REF_STEPS, batch: int = 1000) -> tuple[dict, dict]:
+                   steps: int = REF_STEPS, batch: int = 1000, cond: Any = None,
+                   flow: bool = False) -> tuple[dict, dict]:
     """Reference endpoints of a model without an exact solution: ``solver`` with ``steps`` steps on the logSNR
-    grid from ``sigma_max`` to each end (float64 state, ``noise`` on the model's device), and the same with
-    ``steps // 2`` steps as the convergence check. Returns ``({end: state (CPU, float64)}, report)``."""
+    grid from ``sigma_max`` to each end (float64 state, ``noise`` on the model's device; flow matching: the
+    noise itself, on a grid uniform in sigma), and the same with ``steps // 2`` steps as the convergence check.
+    Returns ``({end: state (CPU, float64)}, report)``."""
     from .schedules import logsnr_sigmas
 
     run = get_solver(solver)
+    extra = {"flow": True} if flow else {}
     states, coarse = {}, {}
     for end in ends:
         fine_out, coarse_out = [], []
-        for chunk in noise.split(batch):
-            x = chunk.double() * sigma_max
+        for lo in range(0, len(noise), batch):
+            x = noise[lo:lo + batch].double() * (1.0 if flow else sigma_max)
+            c = condition_rows(cond, lo, lo + batch)
             for n, out in ((steps, fine_out), (steps // 2, coarse_out)):
-                sigmas = logsnr_sigmas(n + 1, float(end), sigma_max).double()
+                sigmas = (torch.linspace(sigma_max, float(end), n + 1, dtype=torch.float64) if flow
+                          else logsnr_sigmas(n + 1, float(end), sigma_max).double())
                 with torch.no_grad():
-                    out.append(run(model, x, sigmas).double().cpu())
+                    out.append(run(model, x, sigmas, c, **extra).double().cpu())
         states[float(end)], coarse[float(end)] = torch.cat(fine_out), torch.cat(coarse_out)
     diffs = [states[s] - coarse[s] for s in states]
     per_step = get_solver(solver).evals_per_step
@@ -178,9 +183,10 @@ def bench_model(name: str, **options: Any) -> tuple[Any, np.ndarray]:
     """The model (analytic, or the digits network with ``model_path``/``device`` options) and its data set as
     rows ``[n, D]`` (float64) for the Frechet distance."""
     if name in NETWORK_MODELS:
-        from backends.digits_edm import digits_images, load_digits_edm
+        from backends.digits_edm import digits_images, load_digits_ddpm, load_digits_edm
 
-        model = load_digits_edm(options.get("model_path"), device=options.get("device"), dtype="float32")
+        loader = load_digits_ddpm if name == "digits_ddpm" else load_digits_edm
+        model = loader(options.get("model_path"), device=options.get("device"), dtype="float32")
         if torch.device(model.device).type == "cuda":
             # The reference must be a float32 solve: TF32 convolutions (cuDNN's default) perturb every
             # evaluation by ~1e-3 relative, which the fine solve would report as non-convergence.
@@ -204,12 +210,16 @@ class _Job(NamedTuple):
     sigmas: torch.Tensor
 
 
-def _baseline_jobs(solvers: list[str], nfes: list[int], schedules: list[ScheduleSpec], afs: bool) -> list[_Job]:
+def baseline_jobs(solvers: list[str], nfes: list[int], schedules: list[ScheduleSpec], afs: bool,
+                  alphas_cumprod: Any = None) -> list[_Job]:
+    """Every (solver, NFE, schedule): the grid with as many steps as give that NFE (:func:`steps_for_nfe`);
+    ``alphas_cumprod`` builds ``discrete`` grids (the model's own schedule)."""
     jobs = []
     for name in solvers:
         for nfe in nfes:
             steps, use_afs = steps_for_nfe(name, nfe, afs=afs)
-            jobs += [_Job(name, steps, use_afs, spec, make_sigmas(replace(spec, num_steps=steps + 1))) for spec in schedules]
+            jobs += [_Job(name, steps, use_afs, spec, make_sigmas(replace(spec, num_steps=steps + 1), alphas_cumprod))
+                     for spec in schedules]
     return jobs
 
 
@@ -225,6 +235,78 @@ def bench_schedules(kinds: list[str], sigma_min: float, sigma_max: float, rho: f
         raise ValueError("rho can only be set for a single schedule (each of several uses its default_rho)")
     return [ScheduleSpec(kind=kind, num_steps=2, sigma_min=sigma_min, sigma_max=sigma_max,
                          rho=default_rho(kind) if rho is None else rho) for kind in kinds]
+
+
+def condition_rows(cond: Any, lo: int, hi: int) -> Any:
+    """Rows ``lo:hi`` of a condition (None, a tensor of labels, or a prompt condition with ``select``)."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):      # tensors have a select() of their own, with another meaning
+        return cond[lo:hi]
+    return cond.select(slice(lo, hi)) if hasattr(cond, "select") else cond[lo:hi]
+
+
+def measure(model: Any, noise: torch.Tensor, states: dict, run: Callable, sigma_end: float, *, batch: int = 1000,
+            data: np.ndarray | None = None, cond: Any = None) -> dict:
+    """Run ``run(denoiser, noise_chunk, cond_chunk) -> endpoint`` on ``noise`` (and the matching rows of
+    ``cond``) in chunks of ``batch`` and compare it with the
+    reference state at ``sigma_end`` (``states``: ``{sigma: [n, ...] float64 CPU}``): RMSE over every element,
+    largest absolute error, Frechet distance to ``data`` (rows; None: not measured), sequential and total
+    evaluations per image (counted, not planned) and wall time."""
+    counter = EvalCounter(model, batch_size=1)
+    outputs, start = [], time.perf_counter()
+    seq = tot = 0
+    for lo in range(0, len(noise), batch):
+        chunk = noise[lo:lo + batch]
+        counter.batch_size = chunk.shape[0]
+        calls, items = counter.calls, counter.items
+        with torch.no_grad():
+            outputs.append(run(counter, chunk, condition_rows(cond, lo, lo + batch)).cpu())
+        seq, tot = counter.calls - calls, (counter.items - items) // chunk.shape[0]
+    seconds = time.perf_counter() - start
+    out = torch.cat(outputs).double()
+    matches = [s for s in states if _same_sigma(s, sigma_end)]
+    if not matches:
+        raise KeyError(f"no reference state at sigma={sigma_end}")
+    err = out - states[matches[0]]
+    fd = None if data is None else frechet_distance(out.reshape(len(out), -1).numpy(), data)
+    return {"rmse": float(err.pow(2).mean().sqrt()), "max_abs": float(err.abs().max()), "fd": fd,
+            "sequential_evals": seq, "total_evals": tot, "seconds": round(seconds, 3)}
+
+
+def baseline_rows(model: Any, noise: torch.Tensor, states: dict, jobs: list["_Job"], *, batch: int = 1000,
+                  data: np.ndarray | None = None, flow: bool = False, cond: Any = None,
+                  on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """One result row per baseline job (:func:`baseline_jobs`), each started from ``noise * sigma_0`` (flow:
+    the noise itself) and measured by :func:`measure`."""
+    rows = []
+    for job in jobs:
+        solver = get_solver(job.solver)
+        scale = 1.0 if flow else job.sigmas[0]
+        extra = {"flow": True} if flow else {}
+        row = measure(model, noise, states,
+                      lambda den, z, c: solver(den, z * scale, job.sigmas, c, afs=job.afs, **extra),
+                      float(job.sigmas[-1]), batch=batch, data=data, cond=cond)
+        rows.append({"solver": job.solver, "nfe": row["sequential_evals"], "afs": job.afs, "steps": job.steps,
+                     "schedule": _schedule_label(job.schedule), "best": False, **row})
+        if on_row is not None:
+            on_row(rows[-1])
+    return rows
+
+
+def table_row(model: Any, noise: torch.Tensor, states: dict, name: str, table: Any, *, batch: int = 1000,
+              data: np.ndarray | None = None, flow: bool = False, cond: Any = None,
+              on_row: Callable[[dict], None] | None = None) -> dict:
+    """The result row of an EPD table run on its own grid (as :func:`baseline_rows`)."""
+    scale = 1.0 if flow else float(table.sigmas[0])
+    row = measure(model, noise, states, lambda den, z, c: sample_epd(den, z * scale, table, c, flow=flow),
+                  float(table.sigmas[-1]), batch=batch, data=data, cond=cond)
+    row = {"solver": name, "nfe": row["sequential_evals"], "afs": table.afs, "steps": table.num_steps - 1,
+           "schedule": _schedule_label(table.schedule), "best": False, "table": getattr(table, "source", None) or name,
+           **row}
+    if on_row is not None:
+        on_row(row)
+    return row
 
 
 def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samples: int = 2000, seed: int = 0,
@@ -254,7 +336,9 @@ def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samp
             raise ValueError(f"table name {name!r} is also a baseline solver name; rename the table")
         if abs(float(table.sigmas[0]) - base.sigma_max) > 1e-9 * base.sigma_max:
             raise ValueError(f"table {name} starts at sigma={table.sigmas[0]}, the benchmark at {base.sigma_max}")
-    jobs = _baseline_jobs(solvers, nfes, specs, afs)
+    if any(spec.kind == "discrete" for spec in specs) and getattr(model, "alphas_cumprod", None) is None:
+        raise ValueError(f"the discrete grid needs a discrete-time model; {model_name} has no alphas_cumprod")
+    jobs = baseline_jobs(solvers, nfes, specs, afs, getattr(model, "alphas_cumprod", None))
     # Every grid ends at the schedules' sigma_min up to rounding: the nominal ends come first, so the reference
     # (and its cache key) stays the same; an end that really differs gets its own reference state.
     ends = _unique_sigmas([float(spec.sigma_min) for spec in specs] + [float(job.sigmas[-1]) for job in jobs]
@@ -270,39 +354,10 @@ def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samp
     ref_report["seconds"] = round(time.perf_counter() - t0, 2)
     ref_report["fd_to_data"] = {str(s): frechet_distance(states[s].reshape(num_samples, -1).numpy(), data) for s in ends}
 
-    def measure(run: Any, sigma_end: float) -> dict:
-        counter = EvalCounter(model, batch_size=1)
-        outputs, start = [], time.perf_counter()
-        for chunk in noise.split(batch):
-            counter.batch_size = chunk.shape[0]
-            calls, items = counter.calls, counter.items
-            with torch.no_grad():
-                outputs.append(run(counter, chunk).cpu())
-            seq, tot = counter.calls - calls, (counter.items - items) // chunk.shape[0]
-        seconds = time.perf_counter() - start
-        out = torch.cat(outputs).double()
-        matches = [s for s in states if _same_sigma(s, sigma_end)]
-        if not matches:
-            raise KeyError(f"no reference state at sigma={sigma_end}")
-        err = out - states[matches[0]]
-        return {"rmse": float(err.pow(2).mean().sqrt()), "max_abs": float(err.abs().max()),
-                "fd": frechet_distance(out.reshape(num_samples, -1).numpy(), data),
-                "sequential_evals": seq, "total_evals": tot, "seconds": round(seconds, 3)}
-
-    results = []
     bar = tqdm(total=len(jobs) + len(loaded), disable=not progress, desc=f"bench {model_name}")
-    for job in jobs:
-        solver = get_solver(job.solver)
-        row = measure(lambda den, z: solver(den, z * job.sigmas[0], job.sigmas, afs=job.afs), float(job.sigmas[-1]))
-        results.append({"solver": job.solver, "nfe": row["sequential_evals"], "afs": job.afs, "steps": job.steps,
-                        "schedule": _schedule_label(job.schedule), "best": False, **row})
-        bar.update()
-    for name, table in loaded.items():
-        row = measure(lambda den, z: sample_epd(den, z * float(table.sigmas[0]), table), float(table.sigmas[-1]))
-        results.append({"solver": name, "nfe": row["sequential_evals"], "afs": table.afs,
-                        "steps": table.num_steps - 1, "schedule": _schedule_label(table.schedule), "best": False,
-                        "table": table.source, **row})
-        bar.update()
+    results = baseline_rows(model, noise, states, jobs, batch=batch, data=data, on_row=lambda _: bar.update())
+    results += [table_row(model, noise, states, name, table, batch=batch, data=data, on_row=lambda _: bar.update())
+                for name, table in loaded.items()]
     bar.close()
     for row in best_rows(results):
         row["best"] = True
@@ -521,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if "discrete" in kinds and getattr(model, "alphas_cumprod", None) is None:
+        parser.error(f"--schedules discrete needs a discrete-time model (digits_ddpm); {args.model} has none")
     specs = bench_schedules(kinds, model.sigma_min, model.sigma_max, args.rho)
     report = run_benchmark(args.model, _csv(args.solvers, str), _csv(args.nfe, int), args.num_samples, args.seed,
                            tables, None, args.afs, args.rtol, args.batch,

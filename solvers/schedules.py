@@ -30,6 +30,7 @@ __all__ = [
     "flowmatch_sigmas",
     "flux_mu",
     "sd15_alphas_cumprod",
+    "beta_alphas_cumprod",
     "make_sigmas",
     "default_rho",
     "SCHEDULES",
@@ -106,13 +107,23 @@ def _check_variant(variant: str) -> None:
         raise ValueError(f"variant must be 'correct' or 'official' (got {variant!r})")
 
 
-def sd15_alphas_cumprod() -> np.ndarray:
-    """Stable Diffusion 1.x ``alphas_cumprod``: scaled-linear betas 0.00085..0.012 over 1000 steps.
-
-    Computed in float64 and stored as float32, as the LDM code keeps its buffer (spec 5.1).
-    """
-    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=np.float64) ** 2
+def beta_alphas_cumprod(kind: str, beta_start: float, beta_end: float, num_timesteps: int = 1000) -> np.ndarray:
+    """``alphabar_n = prod_{i<=n} (1 - beta_i)`` of a DDPM beta schedule: ``linear`` (betas evenly spaced, Ho et al.
+    2020) or ``scaled_linear`` (their square roots evenly spaced, LDM). Computed in float64, returned as float32
+    as the LDM code keeps its buffer (spec 5.1)."""
+    n = int(num_timesteps)
+    if kind == "linear":
+        betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
+    elif kind == "scaled_linear":
+        betas = np.linspace(beta_start ** 0.5, beta_end ** 0.5, n, dtype=np.float64) ** 2
+    else:
+        raise ValueError(f"beta schedule {kind!r} is not supported (linear, scaled_linear)")
     return np.cumprod(1.0 - betas).astype(np.float32)
+
+
+def sd15_alphas_cumprod() -> np.ndarray:
+    """Stable Diffusion 1.x ``alphas_cumprod``: scaled-linear betas 0.00085..0.012 over 1000 steps."""
+    return beta_alphas_cumprod("scaled_linear", 0.00085, 0.012, 1000)
 
 
 class VPDiscreteMap:

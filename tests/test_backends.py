@@ -290,9 +290,14 @@ def test_distillation_through_a_text_to_image_backend_then_sampling(tmp_path, ti
         f"backend.model_path={tiny_model_dirs['sd3']}", f"backend.resolution={TINY_RESOLUTION['sd3']}",
         "guidance.type=cfg", "guidance.rate=4.5", f"conditions.prompt_file={ROOT / 'src' / 'prompts' / 'eval.txt'}",
         "schedule.kind=flowmatch", "student.num_steps=3", "student.afs=false", "teacher.solver=euler", "teacher.M=2",
-        "batch=2", "total_kimg=0.004", "optim.lr=0.05", "device=cpu"])
+        "batch=2", "total_kimg=0.004", "optim.lr=0.05", "device=cpu", "validation.num=2", "validation.reference.steps=4",
+        f"validation.cache={tmp_path / 'v'}", "compare.solvers=[euler]"])
     table, folder = train(config, progress=False)
     meta = table.metadata
+    # validation and the comparison run in flow coordinates too, on the model's flow-matching grid
+    comparison = json.loads((folder / "comparison.json").read_text())
+    assert {r["schedule"]["kind"] for r in comparison["results"] if r["solver"] == "euler"} == {"flowmatch"}
+    assert meta["validation"]["best_rmse"] > 0 and meta["comparison"]["best_baseline_same_nfe"]["nfe"] == 4
     assert meta["backend"] == "sd3" and meta["backend_config"]["model_path"] == str(tiny_model_dirs["sd3"])
     assert meta["guidance_rate"] == 4.5 and meta["schedule"]["kind"] == "flowmatch" and table.sigmas[0] == 1.0
     assert not np.allclose(table.positions, [[1 / 3, 2 / 3]] * 2)          # it trained

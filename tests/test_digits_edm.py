@@ -151,7 +151,7 @@ def test_distill_configs_and_a_short_run(tiny_network, tmp_path, monkeypatch):
         assert config.outdir == "exps/digits_edm" and config.export == f"exps/digits_edm/epd-nfe{n}.pkl"
     monkeypatch.setenv(ENV_VAR, str(tiny_network))
     overrides = [f"outdir={tmp_path}", f"export={tmp_path / 'epd.pkl'}", "batch=4", "total_kimg=0.008", "teacher.M=1",
-                 "teacher.cache=null", "device=cpu"]
+                 "teacher.cache=null", "teacher.precompute=0", "device=cpu", "validation.num=0"]
     table, folder = train(ROOT / "configs" / "distill" / "digits_edm-nfe3.yaml", overrides, progress=False)
     assert table.metadata["backend"] == "digits_edm" and table.metadata["backend_config"] == {}
     assert table.eval_count().sequential == 3 and (tmp_path / "epd.pkl").is_file()
@@ -206,12 +206,14 @@ def test_precomputed_teacher_equals_the_trainers_own(tiny_network, tmp_path, mon
     from training.distill.trainer import Distiller
 
     monkeypatch.setenv(ENV_VAR, str(tiny_network))
-    overrides = ["batch=3", "total_kimg=0.006", "teacher.rtol=1e-2", f"teacher.cache={tmp_path / 'cache'}", "device=cpu"]
+    overrides = ["batch=3", "total_kimg=0.006", "teacher.rtol=1e-2", "validation.num=0", f"teacher.cache={tmp_path / 'cache'}",
+                 "device=cpu"]
     config = load_config(ROOT / "configs" / "distill" / "digits_edm-nfe3.yaml", overrides)
     filled = Distiller(config, tmp_path / "a", progress=False)
     assert driver.fill_teacher_cache(filled, 2, 3)[0] == 6
     fresh = Distiller(load_config(ROOT / "configs" / "distill" / "digits_edm-nfe3.yaml",
-                                  overrides[:-2] + ["teacher.cache=null", "device=cpu"]), tmp_path / "b", progress=False)
+                                  overrides[:-2] + ["teacher.cache=null", "teacher.precompute=0", "device=cpu"]),
+                       tmp_path / "b", progress=False)
     for iteration in (0, 1):
         ids = fresh.batch_ids(iteration)
         cached = filled.cache.get(ids)

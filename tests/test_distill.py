@@ -30,10 +30,11 @@ OFFICIAL = ROOT.parents[0] / "shared" / "official" / "iccv"
 
 
 def tiny(tmp_path, *extra):
-    """A seconds-long gmm run: 3 grid points, batch 8, 4 iterations, Euler teacher."""
+    """A seconds-long gmm run: 3 grid points, batch 8, 4 iterations, Euler teacher, no validation (the tests of
+    validation, comparison and search are in test_recipe_search.py)."""
     return load_config(None, [f"outdir={tmp_path / 'exps'}", "name=tiny", "backend.name=gmm", "student.num_steps=3",
                               "teacher.solver=euler", "teacher.M=2", "batch=8", "total_kimg=0.032", "optim.lr=0.05",
-                              "checkpoint_every=1", "schedule.kind=polynomial", *extra])
+                              "checkpoint_every=1", "schedule.kind=polynomial", "validation.num=0", *extra])
 
 
 @pytest.fixture(scope="module")

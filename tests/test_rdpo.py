@@ -26,7 +26,7 @@ CONFIG = ROOT / "training" / "ppo" / "cfgs" / "digits.yaml"
 
 def small(tmp_path, *extra):
     """A seconds-long digits run: 16 images per step (4 prompts x 4), 4 steps."""
-    return [f"run.output_root={tmp_path / 'exps'}", f"data.predictor_snapshot={ROOT / 'exps/digits/epd-nfe3.pkl'}",
+    return [f"run.output_root={tmp_path / 'exps'}", f"data.predictor_snapshot={ROOT / 'exps/rdpo/digits-nfe3-stage1.pkl'}",
             "ppo.rollout_batch_size=16", "ppo.minibatch_size=8", "ppo.steps=4", "eval.seeds=0-31",
             "logging.save_interval=2", *extra]
 
@@ -56,7 +56,7 @@ def test_rloo_groups_by_prompt_and_the_legacy_mixed_groups():
 def test_configs_load_and_errors_name_the_setting(tmp_path):
     for name in ("sd15", "sd3_512", "sd3_1024", "flux_dev"):
         config = load_config(ROOT / "training/ppo/cfgs" / f"{name}.yaml", overrides=[
-            f"data.predictor_snapshot={ROOT / 'exps/digits/epd-nfe3.pkl'}", f"data.prompt_csv={ROOT / 'src/prompts/eval.txt'}"])
+            f"data.predictor_snapshot={ROOT / 'exps/rdpo/digits-nfe3-stage1.pkl'}", f"data.prompt_csv={ROOT / 'src/prompts/eval.txt'}"])
         assert config.reward.weights.hps == 1.0 and config.ppo.learning_rate == 7e-5 and config.ppo.kl_coef == 0
     flux = load_config(ROOT / "training/ppo/cfgs/flux_dev.yaml", [f"data.predictor_snapshot={CONFIG}",
                                                                   f"data.prompt_csv={CONFIG}"])
@@ -112,7 +112,7 @@ def test_training_raises_the_held_out_reward_and_exports_a_usable_table(tmp_path
     for name in ("config.yaml", "checkpoint.pt", "table-mean.pkl", "table-mean.json", "table-mode.pkl", "rewards.png"):
         assert (folder / name).is_file(), name
     saved = load_table(folder / "table-mean.pkl")
-    start = load_table(ROOT / "exps/digits/epd-nfe3.pkl")
+    start = load_table(ROOT / "exps/rdpo/digits-nfe3-stage1.pkl")
     assert saved.dir_scales is not None and saved.time_scales is not None          # scales kept (spec 9.20)
     assert saved.afs == start.afs and np.array_equal(saved.sigmas, start.sigmas)
     assert saved.metadata["backend"] == "digits" and saved.metadata["guidance_rate"] == 2.0

@@ -105,9 +105,10 @@ def test_digits_cell_end_to_end_then_resume(tmp_path, inception_file, reference,
     eig = np.linalg.eigvals(sigma @ ref.sigma)
     want = float(((mu - ref.mu) ** 2).sum() + np.trace(sigma) + np.trace(ref.sigma)
                  - 2 * np.sqrt(np.clip(eig.real, 0, None)).sum())
-    # (rel 1e-5: the ~2030 eigenvalues of S S_ref that are 0 in exact arithmetic come out near 1e-13, and their
-    # clipped square roots add a few 1e-6 to the sum)
-    assert result["fid"] == pytest.approx(want, rel=1e-5) and result["fid"] > 0
+    # (rel 5e-5: the ~2030 eigenvalues of S S_ref that are 0 in exact arithmetic come out near 1e-13 in both
+    # computations, differently, and their clipped square roots add up to a few 1e-5 to the sum, depending on the
+    # images)
+    assert result["fid"] == pytest.approx(want, rel=5e-5) and result["fid"] > 0
     assert result["kid_mean"] is not None and result["kid_std"] >= 0
     assert (result["nfe_sequential"], result["nfe_total"]) == (3, 5)
     assert result["table"]["path"].endswith("exps/digits/epd-nfe3.pkl") and result["table"]["afs"] is True

@@ -49,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
         "M": 1,                       # intermediate teacher steps per student interval
         "rtol": 1.0e-6,               # reference teacher only
         "cache": None,                # folder for cached teacher trajectories (null: no cache)
+        "precompute": 0,              # > 0: before training, solve the teacher for every iteration's trajectories
+                                      # this many at a time into the cache (one large batch per solve; needs cache)
     },
     "loss": {
         "steps": "auto",              # auto (authors' rule) | all | last
@@ -69,6 +71,31 @@ DEFAULTS: dict[str, Any] = {
     "export": None,                   # also write the final table here (e.g. exps/gmm/epd-nfe5.pkl)
     "checkpoint_every": 25,           # iterations
     "snapshot_tables": False,         # also keep a table file per checkpoint
+    "plot": True,                     # draw table.png at the end (search candidates skip it)
+    "validation": {                   # held-out trajectories scored during training (training/distill/validation.py)
+        "num": 256,                   # trajectories (seeds 2^30 + j); 0 turns validation off
+        "every": 25,                  # iterations between scores (and at the end)
+        "batch": 256,                 # trajectories per call
+        "reference": {"solver": "auto",   # auto: the adaptive solve for exact models, else dpmpp3m
+                      "steps": 256, "rtol": 1.0e-7},
+        "select": "best",             # best (the lowest validation error) | last: which parameters become the table
+        "patience": 0,                # stop after this many scores without improvement (0: never)
+        "cache": ".cache/validation", # reference states, shared by runs and search candidates (null: none)
+    },
+    "compare": {                      # at the end: the table against every handcrafted solver on the validation set
+        "enabled": True,
+        "solvers": ["ipndm", "dpmpp3m", "dpmpp2m", "unipc", "euler", "heun", "dpm2"],
+        "schedules": ["auto"],        # auto: time_uniform, polynomial rho 7, logsnr (+ discrete / flowmatch)
+    },
+    "search": {                       # recipe search (training/distill/search.py): candidates x short runs
+        "enabled": False,
+        "kimg": "auto",               # each candidate's budget in kimg; auto: total_kimg / (2 x candidates)
+        "schedules": ["auto"],        # grid kinds tried (as compare.schedules)
+        "loss_steps": ["all", "last"],
+        "scales": [0.2],              # student.scale_dir = student.scale_time = each value
+        "lr": [0.1],
+        "keep_existing": True,        # keep an existing export file when it scores better on validation
+    },
 }
 
 _CHOICES = {
@@ -79,7 +106,9 @@ _CHOICES = {
     "loss.final": ("features", "features+data"),
     "dtype": ("auto", "float32", "float64"),
     "schedule.kind": ("polynomial", "logsnr", "time_uniform", "discrete", "flowmatch"),
+    "validation.select": ("best", "last"),
 }
+_SCHEDULE_KINDS = ("polynomial", "logsnr", "time_uniform", "discrete", "flowmatch")
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> DictConfig:
@@ -126,6 +155,10 @@ def validate(config: DictConfig) -> None:
             raise ConfigError(f"setting 'teacher.solver': {err.args[0]}; or 'reference'") from None
     if int(config.teacher.M) < 0:
         fail("teacher.M", "must be >= 0")
+    if int(config.teacher.precompute) < 0:
+        fail("teacher.precompute", "must be >= 0 (0: the teacher runs batch by batch)")
+    if int(config.teacher.precompute) > 0 and not config.teacher.cache:
+        fail("teacher.precompute", "needs teacher.cache (the precomputed trajectories are kept there)")
     if float(config.loss.alpha) < 0:
         fail("loss.alpha", "must be >= 0")
     if float(config.optim.lr) <= 0:
@@ -138,3 +171,45 @@ def validate(config: DictConfig) -> None:
         fail("total_kimg", "must be > 0")
     if int(config.checkpoint_every) < 1:
         fail("checkpoint_every", "must be >= 1")
+    val = config.validation
+    if int(val.num) < 0:
+        fail("validation.num", "must be >= 0 (0 turns validation off)")
+    for key in ("validation.every", "validation.batch", "validation.reference.steps"):
+        if int(get(key)) < 1:
+            fail(key, "must be >= 1")
+    if int(val.patience) < 0:
+        fail("validation.patience", "must be >= 0")
+    if val.reference.solver not in ("auto", "reference"):
+        from solvers.registry import get_solver
+
+        try:
+            get_solver(val.reference.solver)
+        except KeyError as err:
+            raise ConfigError(f"setting 'validation.reference.solver': {err.args[0]}; or 'auto' or 'reference'") from None
+    for section in ("compare.schedules", "search.schedules"):
+        for item in get(section):
+            kind = item if isinstance(item, str) else OmegaConf.select(item, "kind")
+            if kind not in ("auto",) + _SCHEDULE_KINDS:
+                fail(section, f"lists grid kinds: auto or {', '.join(_SCHEDULE_KINDS)} (or {{kind, rho}})")
+    if config.compare.enabled or config.search.enabled:
+        from solvers.registry import get_solver
+
+        for name in config.compare.solvers:
+            try:
+                get_solver(name)
+            except KeyError as err:
+                raise ConfigError(f"setting 'compare.solvers': {err.args[0]}") from None
+    search = config.search
+    if search.enabled:
+        if int(val.num) < 1:
+            fail("validation.num", "must be >= 1 for a recipe search (candidates are ranked on validation)")
+        if search.kimg != "auto" and float(search.kimg) <= 0:
+            fail("search.kimg", "must be > 0 or auto")
+        for key, allowed in (("search.loss_steps", ("all", "last")),):
+            values = list(get(key))
+            if not values or any(v not in allowed for v in values):
+                fail(key, f"must be a non-empty list of {', '.join(map(str, allowed))}")
+        if not list(search.scales) or any(not 0 <= float(v) < 1 for v in search.scales):
+            fail("search.scales", "must be a non-empty list of values in [0, 1)")
+        if not list(search.lr) or any(float(v) <= 0 for v in search.lr):
+            fail("search.lr", "must be a non-empty list of values > 0")

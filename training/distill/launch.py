@@ -3,6 +3,7 @@
     python -m training.distill.launch --config configs/distill/gmm-nfe5.yaml [--override key=value ...]
     torchrun --nproc_per_node=N -m training.distill.launch --config ...       # DDP (gloo on CPU, NCCL on GPU)
     python -m training.distill.launch --resume exps/00003-gmm-nfe5           # continue a killed run
+    python -m training.distill.launch --config configs/distill/gmm-nfe5.yaml --search   # recipe search
 
 The authors' ``train.py`` flags work too and become overrides, e.g. ``--num_steps 4 --sampler_tea heun --M 3
 --afs True --scale_dir 0.05 --batch 32 --lr 0.2 --coslr --total_kimg 10``; ``--dataset_name cifar10`` without
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="omegaconf dotlist override, repeatable (e.g. optim.lr=0.1)")
     parser.add_argument("--resume", type=Path, help="a run folder to continue from its checkpoint")
+    parser.add_argument("--search", action="store_true",
+                        help="recipe search: short runs of the candidate recipes of the config's search section, "
+                             "the best on validation trained to the full budget (docs/distill/recipe.md)")
     parser.add_argument("--no-progress", action="store_true")
     for flag in AUTHOR_FLAGS:
         names = [f"--{flag}"] + ([f"--{flag.replace('_', '-')}"] if "_" in flag else [])
@@ -63,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         if value is not None:
             overrides.append(f"{key}={_value(value)}")
     overrides += args.override
+    if args.search:
+        overrides.append("search.enabled=true")
     config = args.config
     if config is None and args.resume is None and args.author_dataset_name is not None:
         config = CONFIG_DIR / f"{args.author_dataset_name}.yaml"

@@ -102,6 +102,10 @@ class TeacherCache:
         name = f"{first:012d}-{count}" if contiguous else hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:20]
         return self.folder / f"{name}.pt"
 
+    def has(self, ids: torch.Tensor) -> bool:
+        """Whether a batch's file exists (not whether it reads back; :meth:`get` checks that)."""
+        return self._path(ids).is_file()
+
     def get(self, ids: torch.Tensor) -> torch.Tensor | None:
         path = self._path(ids)
         if not path.is_file():

@@ -17,13 +17,20 @@ broadcast to the pixel shape (spec 9.23), so both of their terms carry the same 
 final to intermediate losses, hence ``alpha``, means the same in both codes. Only the overall scale differs,
 which Adam ignores up to its ``eps``.
 
+Every ``validation.every`` iterations the table is scored on held-out trajectories against a converged reference
+(:mod:`training.distill.validation`); the best-scoring parameters become the table (``validation.select``), and
+``validation.patience`` stops a run that no longer improves. At the end the table is compared with every
+handcrafted solver on its best grid at the same NFE and at equal total evaluations, and the last lines say
+plainly whether it wins or loses (docs/distill/recipe.md).
+
 A run lives in ``<outdir>/<id>-<name>/``: ``config.yaml``, ``log.jsonl``, ``checkpoint.pt`` (atomic; a killed
-run resumes from it and ends with the same table), ``table.pkl``/``table.json`` and ``table.png``; with
-``export`` set, the final table is also written to that path.
+run resumes from it and ends with the same table), ``table.pkl``/``table.json``, ``table.png``,
+``comparison.json`` and ``summary.json``; with ``export`` set, the final table is also written to that path.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -51,6 +58,8 @@ from training.runs import new_run_dir, open_run, rank_and_world, rank_device, tr
 from .config import PIXEL_DATASETS, load_config
 from .params import TableParameters
 from .teacher import TeacherCache, teacher_states
+from .validation import (ValidationSet, build_validation, candidate_schedules, compare_with_baselines,
+                         comparison_lines)
 
 __all__ = ["Distiller", "train", "noise_seeds", "new_run_dir", "TRAIN_SEED_BASE"]
 
@@ -77,14 +86,15 @@ class Distiller:
     backend named in the config is loaded. Call :meth:`run`."""
 
     def __init__(self, config: DictConfig, run_dir: str | Path, *, backend: Any = None,
-                 progress: bool = True, stop_after: int | None = None):
+                 progress: bool = True, stop_after: int | None = None, backend_from_config: bool = False):
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.stop_after = stop_after
         self.rank, self.world = rank_and_world()
         self.device = rank_device(config.device)
-        self.injected = backend is not None
+        # backend_from_config: a caller (the recipe search) loaded the config's backend once and shares it
+        self.injected = backend is not None and not backend_from_config
         self.backend = backend if backend is not None else self._load_backend()
         self.flow = getattr(self.backend, "family", "ve") == "flow"
         self.dtype = self._dtype(config.dtype)
@@ -121,17 +131,27 @@ class Distiller:
         self.cache = self._cache()
         self.start_iteration = 0
         self.teacher_seconds = 0.0
+        self.validation: ValidationSet | None = None
+        self.best: dict | None = None          # {"iteration", "rmse", "params"}: the best validation score so far
+        self.since_best = 0                    # scores since the best one (early stopping)
+        self.stopped_early = False
+        self.comparison: dict | None = None
 
     # -- setup --------------------------------------------------------------------------------------------
     def _load_backend(self) -> Any:
+        return self.load_config_backend(self.config)
+
+    @staticmethod
+    def load_config_backend(config: DictConfig) -> Any:
+        """The backend the config names, on this rank's device, with the config's guidance."""
         from backends import ANALYTIC_MODELS, canonical_backend, load_backend
 
-        options = OmegaConf.to_container(self.config.backend, resolve=True)
+        options = OmegaConf.to_container(config.backend, resolve=True)
         name = options.pop("name")
         if canonical_backend(name) not in ANALYTIC_MODELS + ("analytic",):
-            options.setdefault("device", str(self.device))      # this rank's GPU under DDP
-        if self.config.guidance.type in ("cfg", "classifier-free") and float(self.config.guidance.rate) != 1.0:
-            options.setdefault("guidance", float(self.config.guidance.rate))
+            options.setdefault("device", str(rank_device(config.device)))      # this rank's GPU under DDP
+        if config.guidance.type in ("cfg", "classifier-free") and float(config.guidance.rate) != 1.0:
+            options.setdefault("guidance", float(config.guidance.rate))
         return load_backend(name, **options)
 
     def _dtype(self, name: str) -> torch.dtype:
@@ -235,6 +255,43 @@ class Distiller:
         targets = targets.to(device=self.device, dtype=self.dtype)
         return _Batch(ids, x_start, cond, repeat_condition(cond, int(self.config.student.num_points)), targets)
 
+    def precompute_teacher(self, iterations: range | None = None, chunk: int | None = None) -> tuple[int, float]:
+        """Solve the teacher for the trajectories of ``iterations`` (default: the whole run) that the cache lacks,
+        ``chunk`` trajectories per solve (default ``teacher.precompute``), and store them per batch as
+        :meth:`_batch` would. The trajectories are the same; only the batch an adaptive teacher shares its step
+        size with is larger (each trajectory still meets the tolerance). Returns (trajectories solved, seconds)."""
+        if self.cache is None:
+            raise ValueError("the teacher cache is off (teacher.cache); it is needed to precompute the teacher")
+        chunk = int(chunk or self.config.teacher.precompute)
+        iterations = range(self.start_iteration, self.iterations) if iterations is None else iterations
+        todo = [(i, ids) for i in iterations for ids in self.batch_ids(i).split(self.micro)
+                if not self.cache.has(ids)]
+        per_solve = max(1, chunk // max(1, self.micro))
+        teacher, start, count = self.config.teacher, time.perf_counter(), 0
+        bar = tqdm(total=len(todo), disable=not self.progress or self.rank != 0 or not todo,
+                   desc=f"teacher {self.config.name}", unit="batch")
+        for lo in range(0, len(todo), per_solve):
+            group = [ids for _, ids in todo[lo:lo + per_solve]]
+            ids = torch.cat(group)
+            noise = seeded_noise(noise_seeds(int(self.config.seed), ids), tuple(self.backend.shape), self.dtype,
+                                 self.device)
+            x_start = noise if self.flow else noise * float(self.sigmas[0])
+            states = teacher_states(self.backend, x_start, self.sigmas, self._conditions(ids), solver=teacher.solver,
+                                    M=int(teacher.M), schedule=self.schedule, rtol=float(teacher.rtol),
+                                    alphas_cumprod=getattr(self.backend, "alphas_cumprod", None), flow=self.flow)
+            offset = 0
+            for part in group:
+                self.cache.put(part, states[:, offset:offset + len(part)])
+                offset += len(part)
+            count += len(ids)
+            bar.update(len(group))
+        bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        self.teacher_seconds += seconds
+        return count, seconds
+
     def batch_ids(self, iteration: int) -> torch.Tensor:
         """This rank's trajectory ids of an iteration (ranks take consecutive slices of the global batch)."""
         first = iteration * int(self.config.batch) + self.rank * self.per_rank
@@ -327,7 +384,8 @@ class Distiller:
         _atomic_torch_save({"iteration": iteration, "params": self.params.state_dict(),
                             "optimizer": self.optimizer.state_dict(),
                             "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-                            "sigmas": self.sigmas}, self.checkpoint_path)
+                            "sigmas": self.sigmas, "best": self.best, "since_best": self.since_best},
+                           self.checkpoint_path)
         if self.config.snapshot_tables:
             save_table(self.table(), self.run_dir / f"table-{iteration:06d}.pkl")
 
@@ -343,6 +401,7 @@ class Distiller:
         if self.scheduler is not None and saved["scheduler"] is not None:
             self.scheduler.load_state_dict(saved["scheduler"])
         self.start_iteration = int(saved["iteration"])
+        self.best, self.since_best = saved.get("best"), int(saved.get("since_best", 0))
         self._truncate_log(self.start_iteration)
         return True
 
@@ -386,15 +445,96 @@ class Distiller:
         return eval_count("epd", self.sigmas, afs=bool(self.config.student.afs),
                           num_points=int(self.config.student.num_points))
 
-    def table(self, seconds: float | None = None, final_loss: float | None = None) -> PredictorTable:
+    def table(self, seconds: float | None = None, final_loss: float | None = None, *,
+              params: dict | None = None) -> PredictorTable:
+        """The table of the current parameters, or of the saved ``params`` (a state dict, e.g. the best)."""
         student = self.config.student
-        return self.params.to_table(self.sigmas, solver=student.solver, afs=bool(student.afs), fcn=bool(student.fcn),
-                                    max_order=int(student.max_order), metadata=self.metadata(seconds, final_loss))
+        source = self.params
+        if params is not None:
+            source = copy.deepcopy(self.params)
+            source.load_state_dict(params)
+        return source.to_table(self.sigmas, solver=student.solver, afs=bool(student.afs), fcn=bool(student.fcn),
+                               max_order=int(student.max_order), metadata=self.metadata(seconds, final_loss))
+
+    # -- validation ------------------------------------------------------------------------------------------
+    def reference_settings(self) -> dict:
+        """``validation.reference`` with ``auto`` resolved: the adaptive solve for exact models, else dpmpp3m."""
+        from backends import AnalyticDiffusion
+
+        ref = OmegaConf.to_container(self.config.validation.reference, resolve=True)
+        if ref["solver"] == "auto":
+            ref["solver"] = "reference" if isinstance(self.backend, AnalyticDiffusion) else "dpmpp3m"
+        return {"solver": ref["solver"], "rtol": float(ref["rtol"])} if ref["solver"] == "reference" else \
+            {"solver": ref["solver"], "steps": int(ref["steps"])}
+
+    def comparison_schedules(self) -> list:
+        sched = self.config.schedule
+        shift, mu = sched.shift, sched.mu
+        if self.flow and shift is None and mu is None and hasattr(self.backend, "flow_shift"):
+            shift, mu = self.backend.flow_shift()
+        return candidate_schedules(list(self.config.compare.schedules), float(self.sigmas[-1]), float(self.sigmas[0]),
+                                   discrete=getattr(self.backend, "alphas_cumprod", None) is not None, flow=self.flow,
+                                   shift=shift, mu=mu)
+
+    def validation_set(self) -> ValidationSet | None:
+        """The run's held-out trajectories (built on first use; None when ``validation.num`` is 0)."""
+        val = self.config.validation
+        if int(val.num) == 0:
+            return None
+        if self.validation is None:
+            describe = getattr(self.backend, "describe", None)
+            key = {"backend": describe() if callable(describe) else type(self.backend).__name__,
+                   "conditions": OmegaConf.to_container(self.config.conditions, resolve=True),
+                   "guidance": OmegaConf.to_container(self.config.guidance, resolve=True),
+                   "seed": int(self.config.seed)}
+            self.validation = build_validation(
+                self.backend, num=int(val.num), shape=tuple(self.backend.shape), dtype=self.dtype, device=self.device,
+                sigma_start=float(self.sigmas[0]), ends=[float(self.sigmas[-1])], conditions=self._conditions,
+                reference=self.reference_settings(), key=key, cache_dir=val.cache, flow=self.flow,
+                batch=int(val.batch))
+        return self.validation
+
+    def validate(self, iteration: int) -> float | None:
+        """Score the current parameters; keep them if they are the best so far. Returns the RMSE."""
+        validation = self.validation_set()
+        if validation is None:
+            return None
+        rmse = validation.rmse(self.backend, self.table())
+        if math.isfinite(rmse) and (self.best is None or rmse < self.best["rmse"]):
+            self.best = {"iteration": iteration, "rmse": rmse,
+                         "params": {k: v.detach().clone() for k, v in self.params.state_dict().items()}}
+            self.since_best = 0
+        else:
+            self.since_best += 1
+        return rmse
+
+    def final_table(self, seconds: float | None, final_loss: float | None) -> PredictorTable:
+        """The exported table: the best-scoring parameters (``validation.select: best``) or the last ones."""
+        use_best = self.config.validation.select == "best" and self.best is not None
+        table = self.table(seconds, final_loss, params=self.best["params"] if use_best else None)
+        if self.best is not None:
+            table.metadata["validation"] = {
+                "num_trajectories": int(self.config.validation.num), "reference": self.reference_settings(),
+                "seed_space": "noise seeds 2^30 + j", "selected": "best" if use_best else "last",
+                "best_iteration": self.best["iteration"], "best_rmse": self.best["rmse"],
+                "stopped_early": self.stopped_early}
+        return table
+
+    def compare(self, table: PredictorTable) -> dict | None:
+        """:func:`training.distill.validation.compare_with_baselines` on this run's validation set."""
+        validation = self.validation_set()
+        if validation is None or not self.config.compare.enabled:
+            return None
+        return compare_with_baselines(self.backend, validation, table, self.comparison_schedules(),
+                                      list(self.config.compare.solvers),
+                                      alphas_cumprod=getattr(self.backend, "alphas_cumprod", None))
 
     # -- main loop ------------------------------------------------------------------------------------------
     def run(self) -> PredictorTable:
         """Train (resuming from ``checkpoint.pt`` if present) and write the final table."""
         self.load_checkpoint()
+        if int(self.config.teacher.precompute) > 0:
+            self.precompute_teacher()
         log_path = self.run_dir / "log.jsonl"
         bar = tqdm(total=self.iterations, initial=self.start_iteration, disable=not self.progress or self.rank != 0,
                    desc=f"distill {self.config.name}", unit="it")
@@ -405,37 +545,79 @@ class Distiller:
             record = self.train_iteration(iteration)
             record["seconds"] = round(time.perf_counter() - tick, 4)
             record["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            if self.rank == 0:
-                with log_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
             bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}")
             bar.update()
             done = iteration + 1
-            if done % int(self.config.checkpoint_every) == 0 or done == self.iterations:
+            val = self.config.validation
+            scored = int(val.num) > 0 and (done % int(val.every) == 0 or done == self.iterations)
+            if scored:
+                record["val_rmse"] = self.validate(done)
+                bar.set_postfix(loss=f"{record['loss']:.4g}", val=f"{record['val_rmse']:.4g}", lr=f"{record['lr']:.3g}")
+            if self.rank == 0:
+                with log_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+            patience = int(val.patience)
+            if scored and patience and self.since_best >= patience and done < self.iterations:
+                self.stopped_early = True
+            if done % int(self.config.checkpoint_every) == 0 or done == self.iterations or self.stopped_early:
                 self.save_checkpoint(done)
+            if self.stopped_early:
+                tqdm.write(f"validation RMSE has not improved for {patience} scores: stopping at iteration {done} "
+                           f"(best {self.best['rmse']:.4g} at iteration {self.best['iteration']})")
+                break
             if self.stop_after is not None and done >= self.stop_after and done < self.iterations:
                 bar.close()
                 return self.table()
         bar.close()
-        table = self.table(time.perf_counter() - start, record.get("loss"))
+        table = self.final_table(time.perf_counter() - start, record.get("loss"))
         if self.rank == 0:
-            save_table(table, self.run_dir / "table.pkl")
-            save_table(table, self.run_dir / "table.json")
-            if self.config.export:
-                save_table(table, self.config.export)  # atomic_write creates the folder
+            self.finish(table)
+        return table
+
+    def finish(self, table: PredictorTable) -> None:
+        """Compare with the handcrafted solvers, write the table, its summary and plot (rank 0)."""
+        from training.runs import atomic_text
+
+        self.comparison = self.compare(table)
+        lines: list[str] = []
+        if self.comparison is not None:
+            atomic_text(self.run_dir / "comparison.json", json.dumps(self.comparison, indent=1))
+            summary = self.comparison["summary"]["tables"]["table"]
+            table.metadata["comparison"] = {"validation_rmse": summary["rmse"],
+                                            "best_baseline_same_nfe": summary["best_baseline_same_nfe"],
+                                            "best_baseline_same_total": summary["best_baseline_same_total"]}
+            lines = comparison_lines(self.comparison)
+        save_table(table, self.run_dir / "table.pkl")
+        save_table(table, self.run_dir / "table.json")
+        if self.config.export:
+            save_table(table, self.config.export)  # atomic_write creates the folder
+        atomic_text(self.run_dir / "summary.json", json.dumps(
+            {"name": self.config.name, "validation": table.metadata.get("validation"),
+             "comparison": table.metadata.get("comparison"), "verdict": lines,
+             "seconds": table.metadata["training"]["seconds"], "teacher_seconds": round(self.teacher_seconds, 3),
+             "iterations": self.iterations}, indent=1))
+        if self.config.plot:
             from .plot import plot_run
 
             plot_run(self.run_dir)
-        return table
+        for line in lines:
+            tqdm.write(f"{self.config.name}: {line}")
 
 
 def train(config: DictConfig | str | Path, overrides: list[str] | None = None, *, resume: str | Path | None = None,
           run_dir: str | Path | None = None, backend: Any = None, progress: bool = True,
           stop_after: int | None = None) -> tuple[PredictorTable, Path]:
     """Run a distillation: a new run folder under ``config.outdir``, or ``resume`` an existing one (its saved
-    config is used). Works in one process or under ``torchrun`` (gloo on CPU, NCCL on GPU)."""
+    config is used). Works in one process or under ``torchrun`` (gloo on CPU, NCCL on GPU). With
+    ``search.enabled`` the folder holds a recipe search (:mod:`training.distill.search`) instead."""
     _init_distributed()
     config, folder = open_run(config, overrides, resume, run_dir, load_config, lambda c: (c.outdir, c.name))
+    if config.search.enabled:
+        if dist.is_initialized():
+            raise ValueError("the recipe search (search.enabled) runs in one process; launch it without torchrun")
+        from .search import run_search
+
+        return run_search(config, folder, backend=backend, progress=progress)
     distiller = Distiller(config, folder, backend=backend, progress=progress, stop_after=stop_after)
     table = distiller.run()
     if dist.is_initialized():
