@@ -40,11 +40,8 @@ cd "$STAGE" || exit 1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export DIGITS_EDM_PATH="$STAGE/exps/digits_edm/network.safetensors"   # where stage 1 writes it
 export PYTHONUNBUFFERED=1
-T0=$(date +%s)
-declare -A STATUS
-
-say() { echo "[gpu_digits_edm +$(( $(date +%s) - T0 ))s] $*"; }
-limit() { if command -v timeout >/dev/null; then timeout "$@"; else shift; "$@"; fi; }
+STAGE_TAG=gpu_digits_edm
+source "$REPO/scripts/gpu_stages.sh"
 
 publish() {   # refresh $OUT from the stage folder
   local items=() f
@@ -61,21 +58,6 @@ publish() {   # refresh $OUT from the stage folder
   done
 }
 
-run_stage() {   # run_stage NAME TIMEOUT_S CMD...  (the timeout is cut to what TOTAL_S leaves)
-  local name=$1 secs=$2; shift 2
-  local left=$(( TOTAL_S - ($(date +%s) - T0) - 5 ))
-  [ "$left" -lt "$secs" ] && secs=$left
-  if [ "$secs" -lt 15 ]; then
-    STATUS[$name]="skipped (no time left)"; say "stage $name skipped: no time left"; return 1
-  fi
-  say "stage $name (at most $secs s): $*"
-  local t=$(date +%s)
-  limit "$secs" "$@" > >(tee "logs/$name.log") 2>&1
-  local rc=$?
-  STATUS[$name]="rc=$rc$([ $rc = 124 ] && echo ' (timed out)'), $(( $(date +%s) - t )) s"
-  say "stage $name finished: ${STATUS[$name]}"
-  return $rc
-}
 
 say "repository $REPO, stage folder $STAGE, output $OUT, TINY=$TINY"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -94,7 +76,8 @@ if [ "$TINY" = 1 ]; then
   train_extra=(--tiny --batch 16 --log-every 10 --eval-every 40 --eval-repeats 1 --checkpoint-every 40
                --card-samples 20 --sample-steps 4)
   distill_extra=(--batch 8 --min-iterations 2 --max-iterations 3 --teacher-chunk 16 --override teacher.rtol=1e-2
-                 --override checkpoint_every=1)
+                 --override checkpoint_every=1 --override validation.num=8 --override validation.reference.steps=16
+                 --override "compare.solvers=[euler,dpmpp3m]")
   bench_extra=(--solvers euler,dpmpp3m --nfe 3,5 --num-samples 24 --ref-steps 32 --batch 24)
 else
   train_extra=(--batch "$TRAIN_BATCH")

@@ -36,9 +36,8 @@ cp -r "$REPO/configs/distill" "$STAGE/configs/"
 cd "$STAGE" || exit 1
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export DIGITS_EDM_PATH="$STAGE/exps/digits_edm/network.safetensors" DIGITS_DDPM_PATH="$STAGE/exps/digits_ddpm/network.safetensors"
-T0=$(date +%s)
-declare -A STATUS
-say() { echo "[recipe +$(( $(date +%s) - T0 ))s] $*"; }
+STAGE_TAG=recipe MIN_STAGE_S=10
+source "$REPO/scripts/gpu_stages.sh"
 
 publish() {
   local model
@@ -53,19 +52,6 @@ publish() {
   tar -czf "$STAGE/l.tgz" logs && mv -f "$STAGE/l.tgz" "$OUT/recipe-logs.tar.gz"
 }
 
-run_stage() {   # run_stage NAME TIMEOUT_S CMD...  (cut to what TOTAL_S leaves)
-  local name=$1 secs=$2; shift 2
-  local left=$(( TOTAL_S - ($(date +%s) - T0) - 5 ))
-  [ "$left" -lt "$secs" ] && secs=$left
-  if [ "$secs" -lt 10 ]; then STATUS[$name]="skipped (no time left)"; say "stage $name skipped"; return 1; fi
-  say "stage $name (at most $secs s): $*"
-  local t=$(date +%s)
-  timeout "$secs" "$@" > >(tee "logs/$name.log") 2>&1
-  local rc=$?
-  STATUS[$name]="rc=$rc$([ $rc = 124 ] && echo ' (timed out)'), $(( $(date +%s) - t )) s"
-  say "stage $name finished: ${STATUS[$name]}"
-  return $rc
-}
 
 if ! $PYTHON -c "import omegaconf" 2>/dev/null; then   # the device machine lacks it: carry .whl/omegaconf-*.whl
   whl=$(ls "$REPO"/.whl/omegaconf-*.whl 2>/dev/null | head -1)

@@ -68,7 +68,7 @@ from .registry import get_solver, steps_for_nfe
 from .schedules import ScheduleSpec, default_rho, make_sigmas
 from .table import atomic_write, load_table
 
-__all__ = ["frechet_distance", "run_benchmark", "measure", "condition_rows", "baseline_rows", "table_row", "baseline_jobs", "best_rows", "summarize", "markdown", "plot", "main",
+__all__ = ["frechet_distance", "run_benchmark", "measure", "condition_rows", "cached_states", "same_sigma", "unique_sigmas", "baseline_rows", "table_row", "baseline_jobs", "best_rows", "summarize", "markdown", "plot", "main",
            "fine_reference", "BENCH_MODELS"]
 
 BENCH_SCHEDULES = ("polynomial", "logsnr", "time_uniform", "discrete")
@@ -89,34 +89,44 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.sqrt(np.clip(inner, 0, None)).sum())
 
 
-def _same_sigma(a: float, b: float) -> bool:
+def same_sigma(a: float, b: float) -> bool:
     """Two grid ends are the same noise level up to rounding (grids reach sigma_min up to a few ulps)."""
     return abs(a - b) <= 1e-9 * max(abs(a), abs(b))
 
 
-def _unique_sigmas(values: list[float]) -> list[float]:
-    """``values`` without near-duplicates (``_same_sigma``), first occurrences kept, in order."""
+def unique_sigmas(values: list[float]) -> list[float]:
+    """``values`` without near-duplicates (``same_sigma``), first occurrences kept, in order."""
     out: list[float] = []
     for value in values:
-        if not any(_same_sigma(float(value), kept) for kept in out):
+        if not any(same_sigma(float(value), kept) for kept in out):
             out.append(float(value))
     return out
+
+
+def cached_states(path: Path | None, compute: Callable[[], tuple[dict, dict]]) -> tuple[dict, dict]:
+    """Reference states ``{sigma: tensor}`` and their report from ``path`` when it exists, else ``compute()``d and
+    written there atomically (two processes filling the cache at once never see half a file); ``path`` None: no
+    cache. Read with ``weights_only=True``: a cache file is data."""
+    if path is not None and path.is_file():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return {float(k): v for k, v in saved["states"].items()}, json.loads(saved["report"])
+    states, report = compute()
+    if path is not None:
+        buffer = io.BytesIO()
+        torch.save({"states": {str(k): v for k, v in states.items()}, "report": json.dumps(report)}, buffer)
+        atomic_write(path, buffer.getvalue())
+    return states, report
 
 
 def _reference(model: Any, noise: torch.Tensor, sigma_max: float, ends: list[float], key: dict,
                rtol: float, cache_dir: Path | None) -> tuple[dict, dict]:
     digest = hashlib.sha256(json.dumps({**key, "rtol": rtol, "ends": sorted(ends)}, sort_keys=True).encode()).hexdigest()[:16]
-    path = None if cache_dir is None else cache_dir / f"reference-{digest}.pt"
-    if path is not None and path.is_file():
-        saved = torch.load(path, weights_only=True)
-        return {float(k): v for k, v in saved["states"].items()}, json.loads(saved["report"])
-    report = reference_solution(model, noise.double() * sigma_max, sigma_max, ends, rtol=rtol)
-    if path is not None:  # atomic: two benchmarks filling the cache at once never see half a file
-        buffer = io.BytesIO()
-        torch.save({"states": {str(k): v for k, v in report.states.items()}, "report": json.dumps(report.as_dict())},
-                   buffer)
-        atomic_write(path, buffer.getvalue())
-    return report.states, report.as_dict()
+
+    def compute() -> tuple[dict, dict]:
+        report = reference_solution(model, noise.double() * sigma_max, sigma_max, ends, rtol=rtol)
+        return report.states, report.as_dict()
+
+    return cached_states(None if cache_dir is None else cache_dir / f"reference-{digest}.pt", compute)
 
 
 def fine_reference(model: Any, noise: torch.Tensor, sigma_max: float, ends: list[float], solver: str = REF_SOLVER,
@@ -156,16 +166,8 @@ def _network_reference(model: Any, noise: torch.Tensor, sigma_max: float, ends: 
     key = {**key, "network": model.describe().get("file_sha256"), "solver": solver, "steps": steps,
            "ends": sorted(ends)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    path = None if cache_dir is None else cache_dir / f"reference-{digest}.pt"
-    if path is not None and path.is_file():
-        saved = torch.load(path, weights_only=True)
-        return {float(k): v for k, v in saved["states"].items()}, json.loads(saved["report"])
-    states, report = fine_reference(model, noise, sigma_max, ends, solver, steps, batch)
-    if path is not None:
-        buffer = io.BytesIO()
-        torch.save({"states": {str(k): v for k, v in states.items()}, "report": json.dumps(report)}, buffer)
-        atomic_write(path, buffer.getvalue())
-    return states, report
+    return cached_states(None if cache_dir is None else cache_dir / f"reference-{digest}.pt",
+                         lambda: fine_reference(model, noise, sigma_max, ends, solver, steps, batch))
 
 
 # With a solver of order p >= 1 in its asymptotic range, |x_N - x_2N| ~ (2^p - 1) |x_2N - x_exact|, so the check
@@ -265,7 +267,7 @@ def measure(model: Any, noise: torch.Tensor, states: dict, run: Callable, sigma_
         seq, tot = counter.calls - calls, (counter.items - items) // chunk.shape[0]
     seconds = time.perf_counter() - start
     out = torch.cat(outputs).double()
-    matches = [s for s in states if _same_sigma(s, sigma_end)]
+    matches = [s for s in states if same_sigma(s, sigma_end)]
     if not matches:
         raise KeyError(f"no reference state at sigma={sigma_end}")
     err = out - states[matches[0]]
@@ -328,7 +330,7 @@ def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samp
     specs = list(schedules) if schedules else [schedule or bench_schedules(["polynomial"], model.sigma_min, model.sigma_max)[0]]
     base = specs[0]
     for spec in specs:
-        if not _same_sigma(float(spec.sigma_max), float(base.sigma_max)):
+        if not same_sigma(float(spec.sigma_max), float(base.sigma_max)):
             raise ValueError(f"schedule {spec.kind} starts at sigma={spec.sigma_max}, the benchmark at {base.sigma_max}")
     loaded = {name: load_table(path) for name, path in (tables or {}).items()}
     for name, table in loaded.items():
@@ -341,7 +343,7 @@ def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samp
     jobs = baseline_jobs(solvers, nfes, specs, afs, getattr(model, "alphas_cumprod", None))
     # Every grid ends at the schedules' sigma_min up to rounding: the nominal ends come first, so the reference
     # (and its cache key) stays the same; an end that really differs gets its own reference state.
-    ends = _unique_sigmas([float(spec.sigma_min) for spec in specs] + [float(job.sigmas[-1]) for job in jobs]
+    ends = unique_sigmas([float(spec.sigma_min) for spec in specs] + [float(job.sigmas[-1]) for job in jobs]
                           + [float(t.sigmas[-1]) for t in loaded.values()])
     noise = seeded_noise(range(seed, seed + num_samples), model.shape, torch.float64, device=place)
     key = {"model": model_name, "seed": seed, "num_samples": num_samples, "sigma_max": base.sigma_max}

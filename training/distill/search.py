@@ -29,13 +29,14 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from solvers.bench import same_sigma
 from solvers.schedules import default_rho
 from solvers.table import PredictorTable, load_table, save_table
 from training.runs import atomic_text
 
 from .config import validate
 from .trainer import Distiller
-from .validation import build_validation, candidate_schedules, comparison_lines
+from .validation import candidate_schedules, comparison_lines
 
 __all__ = ["Candidate", "search_candidates", "run_search"]
 
@@ -102,26 +103,19 @@ def _run(config: DictConfig, folder: Path, backend: Any, owned: bool, progress: 
     return table, summary, seconds
 
 
-def _score_existing(distiller_config: DictConfig, backend: Any, final: Distiller, path: Path) -> dict | None:
+def _score_existing(final: Distiller, path: Path) -> dict:
     """The validation RMSE of an already exported table (the one a search may replace), or why it has none."""
     try:
         existing = load_table(path)
     except Exception as err:   # an unreadable file is not kept
         return {"path": str(path), "error": f"unreadable: {err}"}
-    if abs(float(existing.sigmas[0]) - float(final.sigmas[0])) > 1e-9 * float(final.sigmas[0]):
+    if not same_sigma(float(existing.sigmas[0]), float(final.sigmas[0])):
         return {"path": str(path), "error": "starts at another sigma_max"}
     if existing.eval_count().sequential != final.table_eval_count().sequential:
         return {"path": str(path), "error": "another NFE"}
-    validation = final.validation_set()
+    validation = final.validation_set(float(existing.sigmas[-1]))
     assert validation is not None
-    end = float(existing.sigmas[-1])
-    if not any(abs(end - k) <= 1e-9 * max(end, k) for k in validation.states):
-        validation = build_validation(
-            backend, num=len(validation), shape=tuple(backend.shape), dtype=final.dtype, device=final.device,
-            sigma_start=float(final.sigmas[0]), ends=[end], conditions=final._conditions,
-            reference=final.reference_settings(), key={"existing": str(path)},
-            cache_dir=distiller_config.validation.cache, flow=final.flow, batch=int(distiller_config.validation.batch))
-    return {"path": str(path), "val_rmse": validation.rmse(backend, existing)}
+    return {"path": str(path), "val_rmse": validation.rmse(final.backend, existing)}
 
 
 def run_search(config: DictConfig, folder: str | Path, *, backend: Any = None,
@@ -174,7 +168,7 @@ def run_search(config: DictConfig, folder: str | Path, *, backend: Any = None,
     kept, export = "search", config.export
     if export and Path(export).is_file() and config.search.keep_existing:
         final = Distiller(final_config, folder / "final", backend=backend, progress=False, backend_from_config=owned)
-        state["existing"] = _score_existing(final_config, backend, final, Path(export))
+        state["existing"] = _score_existing(final, Path(export))
         old = state["existing"].get("val_rmse")
         if old is not None and state["final"]["val_rmse"] is not None and old <= state["final"]["val_rmse"]:
             kept, table = "existing", load_table(export)

@@ -51,6 +51,7 @@ from solvers.schedules import ScheduleSpec, make_sigmas
 from solvers.table import PredictorTable, load_table, save_table
 
 from training import features as feature_losses
+from training.runs import atomic_text
 from training.runs import atomic_torch_save as _atomic_torch_save
 from training.runs import init_distributed as _init_distributed
 from training.runs import new_run_dir, open_run, rank_and_world, rank_device, truncate_log
@@ -135,7 +136,6 @@ class Distiller:
         self.best: dict | None = None          # {"iteration", "rmse", "params"}: the best validation score so far
         self.since_best = 0                    # scores since the best one (early stopping)
         self.stopped_early = False
-        self.comparison: dict | None = None
 
     # -- setup --------------------------------------------------------------------------------------------
     def _load_backend(self) -> Any:
@@ -237,18 +237,26 @@ class Distiller:
         encoded = self.backend.encode_prompts([self.prompts[p] for p in picks])
         return encoded.to(self.device) if isinstance(encoded, torch.Tensor) else encoded
 
+    def _start_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """The initial states of trajectories ``ids``: their noise times sigma_0 (flow matching: the noise)."""
+        noise = seeded_noise(noise_seeds(int(self.config.seed), ids), tuple(self.backend.shape), self.dtype,
+                             self.device)
+        return noise if self.flow else noise * float(self.sigmas[0])
+
+    def _teacher(self, x_start: torch.Tensor, cond: Any) -> torch.Tensor:
+        """The teacher's states at the student's grid points (:func:`training.distill.teacher.teacher_states`)."""
+        teacher = self.config.teacher
+        return teacher_states(self.backend, x_start, self.sigmas, cond, solver=teacher.solver, M=int(teacher.M),
+                              schedule=self.schedule, rtol=float(teacher.rtol),
+                              alphas_cumprod=getattr(self.backend, "alphas_cumprod", None), flow=self.flow)
+
     def _batch(self, ids: torch.Tensor) -> _Batch:
-        shape = tuple(self.backend.shape)
-        noise = seeded_noise(noise_seeds(int(self.config.seed), ids), shape, self.dtype, self.device)
-        x_start = noise if self.flow else noise * float(self.sigmas[0])
+        x_start = self._start_states(ids)
         cond = self._conditions(ids)
         targets = self.cache.get(ids) if self.cache is not None else None
         if targets is None:
             start = time.perf_counter()
-            teacher = self.config.teacher
-            targets = teacher_states(self.backend, x_start, self.sigmas, cond, solver=teacher.solver,
-                                     M=int(teacher.M), schedule=self.schedule, rtol=float(teacher.rtol),
-                                     alphas_cumprod=getattr(self.backend, "alphas_cumprod", None), flow=self.flow)
+            targets = self._teacher(x_start, cond)
             self.teacher_seconds += time.perf_counter() - start
             if self.cache is not None:
                 self.cache.put(ids, targets)
@@ -267,18 +275,13 @@ class Distiller:
         todo = [(i, ids) for i in iterations for ids in self.batch_ids(i).split(self.micro)
                 if not self.cache.has(ids)]
         per_solve = max(1, chunk // max(1, self.micro))
-        teacher, start, count = self.config.teacher, time.perf_counter(), 0
+        start, count = time.perf_counter(), 0
         bar = tqdm(total=len(todo), disable=not self.progress or self.rank != 0 or not todo,
                    desc=f"teacher {self.config.name}", unit="batch")
         for lo in range(0, len(todo), per_solve):
             group = [ids for _, ids in todo[lo:lo + per_solve]]
             ids = torch.cat(group)
-            noise = seeded_noise(noise_seeds(int(self.config.seed), ids), tuple(self.backend.shape), self.dtype,
-                                 self.device)
-            x_start = noise if self.flow else noise * float(self.sigmas[0])
-            states = teacher_states(self.backend, x_start, self.sigmas, self._conditions(ids), solver=teacher.solver,
-                                    M=int(teacher.M), schedule=self.schedule, rtol=float(teacher.rtol),
-                                    alphas_cumprod=getattr(self.backend, "alphas_cumprod", None), flow=self.flow)
+            states = self._teacher(self._start_states(ids), self._conditions(ids))
             offset = 0
             for part in group:
                 self.cache.put(part, states[:, offset:offset + len(part)])
@@ -476,23 +479,28 @@ class Distiller:
                                    discrete=getattr(self.backend, "alphas_cumprod", None) is not None, flow=self.flow,
                                    shift=shift, mu=mu)
 
-    def validation_set(self) -> ValidationSet | None:
-        """The run's held-out trajectories (built on first use; None when ``validation.num`` is 0)."""
+    def validation_set(self, sigma_end: float | None = None) -> ValidationSet | None:
+        """The run's held-out trajectories (built on first use; None when ``validation.num`` is 0). With
+        ``sigma_end`` (a table ending elsewhere than this run's grid), the same trajectories with the reference
+        at that sigma."""
         val = self.config.validation
         if int(val.num) == 0:
             return None
-        if self.validation is None:
-            describe = getattr(self.backend, "describe", None)
-            key = {"backend": describe() if callable(describe) else type(self.backend).__name__,
-                   "conditions": OmegaConf.to_container(self.config.conditions, resolve=True),
-                   "guidance": OmegaConf.to_container(self.config.guidance, resolve=True),
-                   "seed": int(self.config.seed)}
-            self.validation = build_validation(
-                self.backend, num=int(val.num), shape=tuple(self.backend.shape), dtype=self.dtype, device=self.device,
-                sigma_start=float(self.sigmas[0]), ends=[float(self.sigmas[-1])], conditions=self._conditions,
-                reference=self.reference_settings(), key=key, cache_dir=val.cache, flow=self.flow,
-                batch=int(val.batch))
-        return self.validation
+        if self.validation is not None and (sigma_end is None or self.validation.covers(sigma_end)):
+            return self.validation
+        describe = getattr(self.backend, "describe", None)
+        key = {"backend": describe() if callable(describe) else type(self.backend).__name__,
+               "conditions": OmegaConf.to_container(self.config.conditions, resolve=True),
+               "guidance": OmegaConf.to_container(self.config.guidance, resolve=True),
+               "seed": int(self.config.seed)}
+        built = build_validation(
+            self.backend, num=int(val.num), shape=tuple(self.backend.shape), dtype=self.dtype, device=self.device,
+            sigma_start=float(self.sigmas[0]), ends=[float(self.sigmas[-1]) if sigma_end is None else sigma_end],
+            conditions=self._conditions, reference=self.reference_settings(), key=key, cache_dir=val.cache,
+            flow=self.flow, batch=int(val.batch))
+        if self.validation is None and sigma_end is None:
+            self.validation = built
+        return built
 
     def validate(self, iteration: int) -> float | None:
         """Score the current parameters; keep them if they are the best so far. Returns the RMSE."""
@@ -576,17 +584,15 @@ class Distiller:
 
     def finish(self, table: PredictorTable) -> None:
         """Compare with the handcrafted solvers, write the table, its summary and plot (rank 0)."""
-        from training.runs import atomic_text
-
-        self.comparison = self.compare(table)
+        comparison = self.compare(table)
         lines: list[str] = []
-        if self.comparison is not None:
-            atomic_text(self.run_dir / "comparison.json", json.dumps(self.comparison, indent=1))
-            summary = self.comparison["summary"]["tables"]["table"]
+        if comparison is not None:
+            atomic_text(self.run_dir / "comparison.json", json.dumps(comparison, indent=1))
+            summary = comparison["summary"]["tables"]["table"]
             table.metadata["comparison"] = {"validation_rmse": summary["rmse"],
                                             "best_baseline_same_nfe": summary["best_baseline_same_nfe"],
                                             "best_baseline_same_total": summary["best_baseline_same_total"]}
-            lines = comparison_lines(self.comparison)
+            lines = comparison_lines(comparison)
         save_table(table, self.run_dir / "table.pkl")
         save_table(table, self.run_dir / "table.json")
         if self.config.export:

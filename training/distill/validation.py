@@ -18,28 +18,24 @@ References are cached on disk: every run of a recipe search scores against the s
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from solvers.bench import (_unique_sigmas, baseline_jobs, baseline_rows, condition_rows, fine_reference,
-                           summarize, table_row)
+from solvers.bench import (baseline_jobs, baseline_rows, cached_states, condition_rows, fine_reference, same_sigma,
+                           summarize, table_row, unique_sigmas)
 from solvers.core import seeded_noise
-from solvers.epd import sample_epd
 from solvers.reference import reference_solution
 from solvers.schedules import ScheduleSpec, default_rho
-from solvers.table import atomic_write
 
 __all__ = ["VALIDATION_SEED_BASE", "VALIDATION_ID_BASE", "ValidationSet", "build_validation", "candidate_schedules",
-           "compare_with_baselines", "comparison_lines", "COMPARE_SOLVERS"]
+           "compare_with_baselines", "comparison_lines"]
 
 VALIDATION_SEED_BASE = 1 << 30
 VALIDATION_ID_BASE = 1 << 40          # condition draws of validation trajectories (training ids count from 0)
-COMPARE_SOLVERS = ("ipndm", "dpmpp3m", "dpmpp2m", "unipc", "euler", "heun", "dpm2")
 
 
 @dataclass
@@ -54,7 +50,6 @@ class ValidationSet:
     report: dict
     flow: bool = False
     batch: int = 256
-    seconds: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.noise.shape[0])
@@ -64,6 +59,10 @@ class ValidationSet:
         """The table's endpoint RMSE to the reference (sampled with :func:`solvers.epd.sample_epd`)."""
         return float(table_row(denoiser, self.noise, self.states, "table", table, batch=self.batch, flow=self.flow,
                                cond=self.cond)["rmse"])
+
+    def covers(self, sigma_end: float) -> bool:
+        """Whether the set has a reference state at ``sigma_end``."""
+        return any(same_sigma(sigma_end, known) for known in self.states)
 
 
 def _digest(key: dict) -> str:
@@ -98,29 +97,16 @@ def build_validation(denoiser: Any, *, num: int, shape: tuple, dtype: torch.dtyp
                      batch: int = 256) -> ValidationSet:
     """The validation set of a run (module docstring); the reference is read from ``cache_dir`` when a run with
     the same ``key`` (model, conditions), start, ends and reference settings made it before."""
-    import time
-
     ids = torch.arange(num)
     noise = seeded_noise([VALIDATION_SEED_BASE + int(i) for i in ids], shape, dtype, device)
     cond = conditions(ids + VALIDATION_ID_BASE)
-    ends = _unique_sigmas(ends)
+    ends = unique_sigmas(ends)
     full = {**key, "num": num, "start": f"{sigma_start:.10g}", "ends": sorted(f"{e:.10g}" for e in ends),
             "reference": reference, "flow": flow, "dtype": str(dtype), "seed_base": VALIDATION_SEED_BASE}
     path = None if not cache_dir else Path(cache_dir) / f"validation-{_digest(full)}.pt"
-    start_time = time.perf_counter()
-    if path is not None and path.is_file():
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        states = {float(k): v for k, v in saved["states"].items()}
-        report = json.loads(saved["report"])
-    else:
-        states, report = _reference_states(denoiser, noise, cond, sigma_start, ends, reference, flow, batch)
-        if path is not None:
-            buffer = io.BytesIO()
-            torch.save({"states": {repr(k): v for k, v in states.items()}, "report": json.dumps(report),
-                        "key": json.dumps(full, default=str)}, buffer)
-            atomic_write(path, buffer.getvalue())
-    return ValidationSet(noise, cond, float(sigma_start), states, report, flow, batch,
-                         {"reference": round(time.perf_counter() - start_time, 3)})
+    states, report = cached_states(path, lambda: _reference_states(denoiser, noise, cond, sigma_start, ends,
+                                                                   reference, flow, batch))
+    return ValidationSet(noise, cond, float(sigma_start), states, report, flow, batch)
 
 
 def candidate_schedules(kinds: list, sigma_min: float, sigma_max: float, *, discrete: bool, flow: bool,
@@ -158,9 +144,7 @@ def compare_with_baselines(denoiser: Any, validation: ValidationSet, table: Any,
     nfes = sorted({int(counts.sequential), int(counts.total)})
     specs = [replace(spec, sigma_min=float(table.sigmas[-1]), sigma_max=float(table.sigmas[0])) for spec in schedules]
     jobs = baseline_jobs(list(solvers), nfes, specs, False, alphas_cumprod)
-    missing = _unique_sigmas([float(job.sigmas[-1]) for job in jobs])
-    known = list(validation.states)
-    if any(all(abs(m - k) > 1e-9 * max(m, k) for k in known) for m in missing):
+    if not all(validation.covers(float(job.sigmas[-1])) for job in jobs):
         raise ValueError("a baseline grid ends where the validation set has no reference state")
     rows = baseline_rows(denoiser, validation.noise, validation.states, jobs, batch=validation.batch,
                          flow=validation.flow, cond=validation.cond, on_row=progress)
