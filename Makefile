@@ -10,6 +10,11 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -e . $(TORCH_PINS)
+# k-diffusion, for the parity tests of solvers/k_diffusion.py only (that module never imports it). --no-deps:
+# its metadata asks for its training extras (wandb, kornia, clip-anytorch, clean-fid, scikit-image, ...), while
+# k_diffusion.sampling/.external need only torchsde, torchdiffeq (pinned in pyproject.toml), scipy, pillow,
+# safetensors and torchvision (docs/backends/k_diffusion.md).
+	$(PY) -m pip install --quiet --no-deps k-diffusion==0.1.1.post1 $(TORCH_PINS)
 	touch $@
 
 install: $(VENV)/.installed

@@ -26,6 +26,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +35,18 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from backends import ANALYTIC_MODELS, EDM_DATASET_ALIASES, canonical_backend, load_backend, options_from_table
+from backends import backend_options, canonical_backend, load_backend, options_from_table, resolve_backend
 from backends.compile import use_compile_cache
-from backends.cuda_graphs import GraphedSampler
-from solvers.core import parse_seeds, seeded_noise
-from solvers.epd import sample_epd
+from backends.generate import Sampler, generate_batches
+from solvers.core import parse_seeds
 from solvers.parallel import DistributedPoints
-from solvers.registry import eval_count, get_solver
+from solvers.registry import get_solver
 from solvers.schedules import SCHEDULES, ScheduleSpec, default_rho, make_sigmas
 from solvers.table import PredictorTable, TableError, UnsafePickleError, load_table
 from training.prompts import read_prompts
 
-__all__ = ["parse_seeds", "resolve_predictor_path", "read_prompts", "build_parser", "backend_script_parser", "main"]
+__all__ = ["parse_seeds", "resolve_predictor_path", "read_prompts", "build_parser", "backend_script_parser",
+           "SampleJob", "prepare", "write_samples", "distributed", "main"]
 
 
 def resolve_predictor_path(value: str, root: Path = Path("exps")) -> Path:
@@ -135,12 +136,13 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         help="baseline grid: correct, or the authors' (spec 9.7-9.9)")
     parser.add_argument("--model_path", "--model-id", "--model_id", dest="model_path",
                         help="local diffusers folder (SD1.5 also a .ckpt/.safetensors), or a repo id already in "
-                             "the local Hugging Face cache; default $SD15_MODEL_PATH / $SD3_MODEL_PATH / "
+                             "the local Hugging Face cache; default $SD15_MODEL_PATH / $SDXL_MODEL_PATH / $SD3_MODEL_PATH / "
                              "$FLUX_MODEL_PATH, then the table's model id. EDM: NVIDIA's .pkl or a converted "
                              ".safetensors; default $EDM_<DATASET>_PATH, then weights/edm/ (docs/edm.md)")
-    parser.add_argument("--backend", help="ldm (sd15), sd3, flux, edm (or cifar10, ffhq, afhqv2, imagenet64), "
-                                          "digits, gmm: with --solver it chooses; with a table it must match the "
-                                          "table's")
+    parser.add_argument("--backend", help="a registered backend (ldm/sd15/sd2, sdxl, sd3/sd3.5, flux/flux-schnell, "
+                                          "edm or cifar10/ffhq/afhqv2/imagenet64, digits_edm, digits_ddpm, digits, "
+                                          "gmm) or your own as package.module:factory (docs/backends/own_model.md): "
+                                          "with --solver it chooses; with a table it must match the table's")
     parser.add_argument("--backend-config", help="JSON object merged over the table's backend_config")
     parser.add_argument("--resolution", type=int, help="image size in pixels (SD3: 512 or 1024; a table's must match)")
     parser.add_argument("--use_fp16", nargs="?", const=True, default=None, type=str2bool,
@@ -187,15 +189,17 @@ def backend_script_parser(doc: str, backend: str, seeds: str, batch: int, outdir
 
 
 def _backend_from(args: argparse.Namespace, table: PredictorTable | None, device: torch.device | None) -> tuple[Any, str, dict]:
+    """The backend of the table (or of ``--backend``), with the command line's options; flags that the backend's
+    loader does not take are refused by name (the registry knows what each accepts)."""
     meta = table.metadata if table is not None else {}
     table_backend = canonical_backend(meta["backend"]) if meta.get("backend") else None
-    name = canonical_backend(args.backend) if args.backend else (table_backend or "digits")
+    given = args.backend or table_backend or "digits"
+    name, entry, config = resolve_backend(given)
     if table_backend and name != table_backend:
         raise ValueError(f"the table was fitted for the {table_backend!r} backend (its grid and positions belong to "
                          f"that model); --backend {args.backend!r} does not match")
-    config = options_from_table(name, meta.get("backend_config"), meta.get("guidance_rate")) if table_backend else {}
-    if args.backend in EDM_DATASET_ALIASES:      # --backend cifar10: the EDM backend with that data set's network
-        config.setdefault("dataset", args.backend)
+    if table_backend:
+        config.update(options_from_table(name, meta.get("backend_config"), meta.get("guidance_rate")))
     if args.backend_config:
         try:
             override = json.loads(args.backend_config)
@@ -214,35 +218,38 @@ def _backend_from(args: argparse.Namespace, table: PredictorTable | None, device
             raise ValueError(f"the table was fitted at resolution {resolution}; --resolution {args.resolution} "
                              "does not match")
         config["resolution"] = args.resolution
-    if name in ANALYTIC_MODELS or name == "analytic":
-        if args.resolution:
-            raise ValueError(f"backend {name!r} has a fixed 8x8 size; --resolution does not apply")
-        if args.model_path:
-            raise ValueError(f"--model_path was given, but backend {name!r} is an exact analytic model and takes no "
-                             "weights")
-        config.pop("dtype", None)
-    else:
-        if args.model_path:
-            config["model_path"] = args.model_path
-        if args.use_fp16 is not None:
-            config["dtype"] = ("bfloat16" if name == "flux" else "float16") if args.use_fp16 else "float32"
-        if device is not None:
-            config["device"] = str(device)
-        if args.max_batch:
-            config["max_batch"] = args.max_batch
-        if args.cuda_graphs:
-            config["cuda_graphs"] = True
-        if args.compile:
-            config["compile"] = True
-    for flag, used in (("--cuda-graphs", args.cuda_graphs), ("--compile", args.compile)):
-        if used and (name in ANALYTIC_MODELS or name == "analytic"):
-            raise ValueError(f"{flag} applies to network backends (ldm, sd3, flux, edm, digits_edm, digits_ddpm), not the exact "
-                             "analytic models")
+    accepted = backend_options(name)
+
+    def takes(option: str) -> bool:
+        return accepted is None or option in accepted
+
+    flags = {"--model_path": ("model_path", args.model_path), "--resolution": ("resolution", args.resolution),
+             "--use_fp16": ("dtype", args.use_fp16), "--max-batch": ("max_batch", args.max_batch),
+             "--cuda-graphs": ("cuda_graphs", args.cuda_graphs or None), "--compile": ("compile", args.compile or None)}
+    for flag, (option, value) in flags.items():
+        if value is not None and not takes(option):
+            kind = " (an exact analytic model)" if entry is not None and not entry.network else ""
+            if option in ("cuda_graphs", "compile"):
+                raise ValueError(f"{flag} applies to network backends; backend {name!r}{kind} has no such option")
+            what = "takes no weights" if option == "model_path" else f"has no {option!r} option"
+            raise ValueError(f"{flag} was given, but backend {name!r}{kind} {what}")
+    if not takes("dtype"):
+        config.pop("dtype", None)      # e.g. an analytic table's torch_dtype: nothing to set
+    if args.model_path:
+        config["model_path"] = args.model_path
+    if args.use_fp16 is not None:
+        half = entry.half_dtype if entry is not None else "float16"
+        config["dtype"] = half if args.use_fp16 else "float32"
+    if device is not None and takes("device"):
+        config["device"] = str(device)
+    for option, value in (("max_batch", args.max_batch), ("cuda_graphs", args.cuda_graphs), ("compile", args.compile)):
+        if value:
+            config[option] = value
     return load_backend(name, **config), name, config
 
 
-def _distributed() -> tuple[int, int, torch.device | None]:
-    """(rank, world size, device) under torchrun; (0, 1, None) otherwise."""
+def distributed() -> tuple[int, int, torch.device | None]:
+    """(rank, world size, device) under torchrun, with the process group set up; (0, 1, None) otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1, None
@@ -266,139 +273,151 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
-    args = (parser or build_parser()).parse_args(argv)
-    # A caller that set up the process group (scripts/reproduce_iccv.py runs several cells) keeps it.
-    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    rank, world, device = _distributed()
-    if args.device:
-        device = torch.device(args.device)
-    try:
-        seeds = parse_seeds(args.seeds)
-        if bool(args.predictor_path) == bool(args.solver):
-            raise ValueError("give either --predictor_path (EPD table) or --solver with --steps (baseline)")
-        if args.batch < 1:
-            raise ValueError("--batch must be >= 1")
-        if args.shard_points and not args.predictor_path:
-            raise ValueError("--shard-points splits the K points of an EPD table; it needs --predictor_path")
-        if args.compile_cache and not args.compile:
-            raise ValueError("--compile-cache is the cache of --compile; give --compile too")
-        if args.compile:
-            use_compile_cache(args.compile_cache)
-        if sum(v is not None for v in (args.prompt, args.prompt_file, args.class_label)) > 1:
-            raise ValueError("give one of --prompt, --prompt-file and --class")
-        if args.class_label is not None:
-            args.prompt = str(args.class_label)
-        prompts = [args.prompt] if args.prompt is not None else (read_prompts(args.prompt_file) if args.prompt_file else [""])
-        table = load_table(resolve_predictor_path(args.predictor_path)) if args.predictor_path else None
-        if table is not None and args.afs:
-            raise ValueError("--afs is a baseline option; a table carries its own AFS flag")
-        if table is None:
-            if not args.steps or args.steps < 1:
-                raise ValueError("--solver needs --steps >= 1")
-            solver = get_solver(args.solver)
-        backend, backend_name, backend_config = _backend_from(args, table, device)
-        if args.class_label is not None and getattr(backend, "num_classes", None) == 0:
-            raise ValueError(f"--class {args.class_label}: the {backend_name} model is unconditional")
-        if getattr(backend, "conditions_from_seeds", False):    # cheap label conditions: check them all now
-            distinct = list(dict.fromkeys(prompts))
-            backend.encode_prompts(distinct, seeds=list(range(len(distinct))))
-        if table is None:
-            spec = _baseline_schedule(args, backend)
-            sigmas = make_sigmas(spec, alphas_cumprod=getattr(backend, "alphas_cumprod", None)).numpy()
-            solver_label = solver.name
-        else:
-            sigmas = table.sigmas
-            solver_label = "epd" if table.solver == "epd" else "epd_plugin"
-    except (ValueError, KeyError, FileNotFoundError, NotImplementedError, TableError, UnsafePickleError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+@dataclass
+class SampleJob:
+    """Everything a sampling run needs, checked: what :func:`prepare` builds and :func:`write_samples` runs."""
 
-    flow = getattr(backend, "family", "ve") == "flow"
-    dtype = getattr(backend, "state_dtype", torch.float32)
-    place = getattr(backend, "device", torch.device("cpu"))
+    args: argparse.Namespace
+    seeds: list[int]
+    prompts: list[str]
+    table: PredictorTable | None
+    backend: Any
+    backend_name: str
+    backend_config: dict
+    sampler: Sampler
+    shard: Any
+    rank: int = 0
+    world: int = 1
 
-    shard = DistributedPoints() if args.shard_points and world > 1 else None
-    writer = rank == 0 or shard is None          # with sharded points every rank makes the same images
+    @property
+    def outdir(self) -> Path:
+        nfe = self.sampler.eval_count().sequential
+        return self.args.outdir or Path("samples") / self.backend_name.replace(":", "_") / f"{self.sampler.label}_nfe{nfe}"
 
-    def sample_from(x: torch.Tensor, cond: Any) -> torch.Tensor:
-        if table is not None:
-            return sample_epd(backend, x, table, cond, flow=flow, shard=shard)
-        return solver(backend, x, sigmas, cond, flow=flow, afs=args.afs)
-
-    # Graphed runs replay the whole loop (every network call and solver step) from one CUDA graph per batch
-    # shape; with sharded points the loop holds all-reduces, and runs with per-call graphs only.
-    graphed = (GraphedSampler(sample_from) if (args.compile or args.cuda_graphs) and shard is None
-               and torch.device(place).type == "cuda" else None)
-
-    def run(noise: torch.Tensor, cond: Any) -> torch.Tensor:
-        return (graphed or sample_from)(noise * float(sigmas[0]), cond)
-
-    nfe = table.eval_count() if table is not None else eval_count(solver.name, sigmas, afs=args.afs)
-    cfg_rows = 2 if getattr(backend, "guided", False) else 1
-    outdir = args.outdir or Path("samples") / backend_name / f"{solver_label}_nfe{nfe.sequential}"
-
-    def image_path(seed: int) -> Path:
-        folder = outdir / f"{seed - seed % 1000:06d}" if args.subdirs else outdir
+    def image_path(self, seed: int) -> Path:
+        folder = self.outdir / f"{seed - seed % 1000:06d}" if self.args.subdirs else self.outdir
         return folder / f"{seed:06d}.png"
 
+
+def prepare(args: argparse.Namespace, rank: int = 0, world: int = 1, device: torch.device | None = None) -> SampleJob:
+    """Check the arguments, load the table and backend and build the sampler; a user error raises (ValueError,
+    FileNotFoundError, TableError, ...) before anything is sampled."""
+    seeds = parse_seeds(args.seeds)
+    if bool(args.predictor_path) == bool(args.solver):
+        raise ValueError("give either --predictor_path (EPD table) or --solver with --steps (baseline)")
+    if args.batch < 1:
+        raise ValueError("--batch must be >= 1")
+    if args.shard_points and not args.predictor_path:
+        raise ValueError("--shard-points splits the K points of an EPD table; it needs --predictor_path")
+    if args.compile_cache and not args.compile:
+        raise ValueError("--compile-cache is the cache of --compile; give --compile too")
+    if args.compile:
+        use_compile_cache(args.compile_cache)
+    if sum(v is not None for v in (args.prompt, args.prompt_file, args.class_label)) > 1:
+        raise ValueError("give one of --prompt, --prompt-file and --class")
+    if args.class_label is not None:
+        args.prompt = str(args.class_label)
+    prompts = [args.prompt] if args.prompt is not None else (read_prompts(args.prompt_file) if args.prompt_file else [""])
+    table = load_table(resolve_predictor_path(args.predictor_path)) if args.predictor_path else None
+    if table is not None and args.afs:
+        raise ValueError("--afs is a baseline option; a table carries its own AFS flag")
+    if table is None:
+        if not args.steps or args.steps < 1:
+            raise ValueError("--solver needs --steps >= 1")
+        solver = get_solver(args.solver)
+    backend, backend_name, backend_config = _backend_from(args, table, device)
+    if args.class_label is not None and backend.condition_kind == "none":
+        raise ValueError(f"--class {args.class_label}: the {backend_name} model is unconditional")
+    if backend.condition_kind != "prompt":    # label conditions are cheap: check them all now
+        distinct = list(dict.fromkeys(prompts))
+        backend.encode_prompts(distinct, seeds=list(range(len(distinct))))
+    shard = DistributedPoints() if args.shard_points and world > 1 else None
+    if table is None:
+        spec = _baseline_schedule(args, backend)
+        sampler = Sampler.from_solver(solver.name, make_sigmas(spec, alphas_cumprod=backend.alphas_cumprod),
+                                      afs=args.afs)
+    else:
+        sampler = Sampler.from_table(table, shard=shard)
+    return SampleJob(args, seeds, prompts, table, backend, backend_name, backend_config, sampler, shard, rank, world)
+
+
+def write_samples(job: SampleJob) -> tuple[int, float]:
+    """Sample this rank's seeds that are not on disk yet and write each as ``<seed>.png`` with its JSON sidecar
+    (atomically, so an interrupted run resumes). Returns (images sampled, seconds)."""
+    args, backend, sampler, shard = job.args, job.backend, job.sampler, job.shard
+    rank, world, seeds, prompts, table = job.rank, job.world, job.seeds, job.prompts, job.table
+    image_path, outdir = job.image_path, job.outdir
+    writer = rank == 0 or shard is None          # with sharded points every rank makes the same images
+    # Graphed runs replay the whole loop (every network call and solver step) from one CUDA graph per batch
+    # shape; with sharded points the loop holds all-reduces, and runs with per-call graphs only.
+    graphed = (args.compile or args.cuda_graphs) and shard is None
+    sigmas = sampler.sigmas
+    nfe = sampler.eval_count()
+    cfg_rows = 2 if backend.guided else 1
     # Deal seeds to ranks before skipping finished ones, so a resumed run keeps the same assignment.
     mine = [(i, s) for i, s in enumerate(seeds) if shard is not None or i % world == rank]
     todo = [(i, s) for i, s in mine if not (image_path(s).is_file() and image_path(s).with_suffix(".json").is_file())]
     if rank == 0:
         share = f" (rank 0's share; {world} processes)" if world > 1 else ""
-        print(f"{solver_label} on {getattr(backend, 'name', backend_name)}: {len(sigmas) - 1} steps, NFE "
+        print(f"{sampler.label} on {backend.name}: {len(sigmas) - 1} steps, NFE "
               f"{nfe.sequential} sequential (the papers' parallel NFE), {nfe.total} total per image"
               f"{' (each a CFG batch of 2)' if cfg_rows == 2 else ''}; {len(mine) - len(todo)} of {len(mine)} "
               f"images already in {outdir}{share}")
     table_info = None if table is None else {"path": table.source, "name": table.metadata.get("name"),
                                               "source": table.metadata.get("source")}
-    saved_config = {k: v for k, v in backend_config.items() if k not in ("device",)}
+    saved_config = {k: v for k, v in job.backend_config.items() if k not in ("device",)}
     start = time.perf_counter()
+    batches = generate_batches(backend, sampler, [s for _, s in todo], [prompts[i % len(prompts)] for i, _ in todo],
+                               batch=args.batch, decode=writer, graphed=graphed)
     with tqdm(total=len(todo), desc="sampling", unit="img", disable=rank != 0) as bar:
-        for lo in range(0, len(todo), args.batch):
-            chunk = todo[lo: lo + args.batch]
-            batch_seeds = [s for _, s in chunk]
-            batch_prompts = [prompts[i % len(prompts)] for i, _ in chunk]
-            noise = seeded_noise(batch_seeds, tuple(backend.shape), dtype, device=place)
-            if getattr(backend, "conditions_from_seeds", False):   # e.g. a random class label per seed (EDM)
-                cond = backend.encode_prompts(batch_prompts, seeds=batch_seeds)
-            else:
-                cond = backend.encode_prompts(batch_prompts)
-            labels = cond.tolist() if isinstance(cond, torch.Tensor) and cond.dtype == torch.long else None
-            with torch.no_grad():
-                latents = run(noise, cond)
-                if not writer:
-                    bar.update(len(chunk))
-                    continue
-                images = to_uint8(backend.decode(latents))
-            upscale = args.upscale or getattr(backend, "save_upscale", None) or max(1, 64 // images.shape[2])
-            for j, (seed, prompt, array) in enumerate(zip(batch_seeds, batch_prompts, images)):
+        for number, done in enumerate(batches):
+            if not writer:
+                bar.update(len(done.seeds))
+                continue
+            images = to_uint8(done.images)
+            upscale = args.upscale or backend.save_upscale or max(1, 64 // images.shape[2])
+            labels = done.labels
+            for j, (seed, prompt, array) in enumerate(zip(done.seeds, done.prompts, images)):
                 path = image_path(seed)
                 _atomic_bytes(path, lambda tmp, a=array: _pil(a, upscale).save(tmp, format="PNG"))
-                sidecar = {"seed": seed, "prompt": prompt, "solver": solver_label, "table": table_info,
+                sidecar = {"seed": seed, "prompt": prompt, "solver": sampler.label, "table": table_info,
                            "nfe": {"sequential": nfe.sequential, "total": nfe.total,
                                    "network_rows_per_evaluation": cfg_rows},
-                           "afs": bool(table.afs if table is not None else args.afs),
-                           "sigmas": [float(s) for s in sigmas], "backend": backend_name,
-                           "backend_config": saved_config, "guidance": getattr(backend, "guidance", None)}
+                           "afs": sampler.afs, "sigmas": [float(s) for s in sigmas], "backend": job.backend_name,
+                           "backend_config": saved_config, "guidance": backend.guidance}
                 if labels is not None:
                     sidecar["class_label"] = labels[j]
                 _atomic_bytes(path.with_suffix(".json"),
                               lambda tmp, d=sidecar: Path(tmp).write_text(json.dumps(d, indent=1, default=str)))
-            bar.update(len(chunk))
-            if lo == 0 and args.compile and rank == 0:
+            bar.update(len(done.seeds))
+            if number == 0 and args.compile and rank == 0:
                 tqdm.write(f"first batch in {time.perf_counter() - start:.1f} s (compilation included; kept in "
                            f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR')})")
     elapsed = time.perf_counter() - start
+    print(f"{f'rank {rank}: ' if world > 1 else ''}sampled {len(todo)} images in {elapsed:.2f} s; images in {outdir}/")
+    return len(todo), elapsed
+
+
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    args = (parser or build_parser()).parse_args(argv)
+    # A caller that set up the process group (scripts/reproduce_iccv.py runs several cells) keeps it.
+    owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    rank, world, device = distributed()
+    if args.device:
+        device = torch.device(args.device)
+    try:
+        job = prepare(args, rank, world, device)
+    except (ValueError, KeyError, FileNotFoundError, NotImplementedError, TableError, UnsafePickleError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    write_samples(job)
     _barrier(world)
     if args.grid and rank == 0:
-        arrays = [np.asarray(Image.open(image_path(s))) for s in seeds[:256]]
+        arrays = [np.asarray(Image.open(job.image_path(s))) for s in job.seeds[:256]]
         arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
-        grid_path = outdir / "grid.png"
+        grid_path = job.outdir / "grid.png"
         _atomic_bytes(grid_path, lambda tmp: _pil(make_grid(arrays), 1).save(tmp, format="PNG"))
         print(f"grid: {grid_path}")
-    print(f"{f'rank {rank}: ' if world > 1 else ''}sampled {len(todo)} images in {elapsed:.2f} s; images in {outdir}/")
     if world > 1 and owns_group:
         import torch.distributed as dist
 
@@ -410,11 +429,13 @@ def _baseline_schedule(args: argparse.Namespace, backend: Any) -> ScheduleSpec:
     """The baseline's grid: the backend's default kind (discrete for SD1.5, flowmatch for SD3/FLUX) unless
     ``--schedule`` names one."""
     num_steps = args.steps + 1
-    if args.schedule == "default" and hasattr(backend, "default_schedule"):
+    if args.schedule == "default":
         return backend.default_schedule(num_steps, args.grid_variant)
-    kind = "polynomial" if args.schedule == "default" else args.schedule
+    kind = args.schedule
+    if kind == "discrete" and backend.alphas_cumprod is None:
+        raise ValueError(f"--schedule discrete needs a discrete-time model (its alphas_cumprod); {backend.name} has none")
     if kind == "flowmatch":
-        if getattr(backend, "family", "ve") != "flow":
+        if not backend.flow:
             raise ValueError("--schedule flowmatch needs a flow-matching backend (sd3, flux)")
         return backend.default_schedule(num_steps, args.grid_variant)
     return ScheduleSpec(kind=kind, num_steps=num_steps, sigma_min=backend.sigma_min, sigma_max=backend.sigma_max,

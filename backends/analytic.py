@@ -22,6 +22,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .base import BackendBase
+
 __all__ = ["AnalyticDiffusion", "GaussianMixtureDiffusion", "EmpiricalDiffusion", "load_digits_data",
            "make_analytic", "ANALYTIC_MODELS"]
 
@@ -43,11 +45,13 @@ def load_digits_data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(images.copy()).view(-1, 1, 8, 8), torch.from_numpy(labels.copy())
 
 
-class AnalyticDiffusion:
+class AnalyticDiffusion(BackendBase):
     """Base class: the denoiser interface, prompts -> labels, CFG, decoding. Subclasses give the posterior."""
 
     name = "analytic"
     family = "ve"
+    prediction_type = "exact"
+    condition_kind = "label"
     shape = (1, 8, 8)
     sigma_min = 0.002
     sigma_max = 80.0
@@ -88,8 +92,8 @@ class AnalyticDiffusion:
             raise ValueError(f"labels must be -1 (unconditional) or 0..{self.num_classes - 1}")
         return labels
 
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        """Prompts name the digit: ``"7"``, ``"a handwritten 7"``; ``""`` is unconditional."""
+    def encode_prompts(self, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Prompts name the digit: ``"7"``, ``"a handwritten 7"``; ``""`` is unconditional (``seeds`` unused)."""
         labels = []
         for prompt in prompts:
             digits = re.findall(r"\d", prompt or "")
@@ -103,6 +107,9 @@ class AnalyticDiffusion:
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """States are images already: clamp to [-1, 1]."""
         return x.clamp(-1, 1)
+
+    def config(self) -> dict:
+        return {"guidance": self.guidance} if self.guided else {}
 
     def describe(self) -> dict:
         return {"backend": "analytic", "model": self.name, "guidance": self.guidance,

@@ -2,7 +2,7 @@
 classifier-free guidance in one batched call, per-call batch limits, dtype handling and VAE decoding.
 
 A backend wraps a diffusers pipeline object (loaded from a local folder, or handed over by the user) and
-exposes the denoiser interface of ARCHITECTURE.md, ``backend(x, sigma, cond) -> x0_hat``, plus
+exposes the Backend contract (docs/backends/contract.md), ``backend(x, sigma, cond) -> x0_hat``, plus
 ``encode_prompts``, ``decode`` and ``default_schedule``. Subclasses only say how their network's raw output
 becomes ``D`` (spec 5.1, 5.3, 5.4). dtype policy: the ODE state and ``D`` stay float32 (or whatever dtype the
 state has); only the network runs in the pipeline's dtype (fp16/bf16). The authors integrate SD3/FLUX states
@@ -22,10 +22,12 @@ import torch
 
 from solvers.schedules import ScheduleSpec
 
+from .base import BackendBase
 from .compile import CompiledCall
 from .cuda_graphs import GraphedCall
 
 __all__ = ["PromptCondition", "DiffusersBackend", "ModelNotFoundError", "resolve_model_path", "load_pipeline",
+           "load_local_pipeline", "SINGLE_FILE_SUFFIXES",
            "resolve_dtype"]
 
 HOW_TO_GET = ("Weights are never downloaded at run time. Download the model once where you have network access, "
@@ -142,6 +144,31 @@ def load_pipeline(pipeline_cls: Any, path: Path, dtype: torch.dtype, **kwargs: A
         raise ModelNotFoundError(f"could not load {pipeline_cls.__name__} from {path}: {err}") from err
 
 
+SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
+
+
+def load_local_pipeline(pipeline_cls: Any, path: Path, config: str | None, torch_dtype: torch.dtype, *, repo: str,
+                        label: str, **kwargs: Any) -> Any:
+    """A pipeline from a local diffusers folder, or from a single ``.ckpt``/``.safetensors`` checkpoint together
+    with ``config``: a local diffusers folder of the same architecture that supplies the component configs,
+    tokenizers and scheduler (diffusers would otherwise fetch them). ``label`` names the model in messages."""
+    if not path.is_file():
+        return load_pipeline(pipeline_cls, Path(path), torch_dtype, **kwargs)
+    if path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise ModelNotFoundError(f"{path}: a single-file checkpoint must end in .ckpt or .safetensors")
+    if config is None:
+        raise ModelNotFoundError(
+            f"{path} is a single-file checkpoint; also give backend_config.config = a local diffusers {label} "
+            f"folder (its configs, tokenizers and scheduler are needed, and never downloaded), e.g. "
+            f"--backend-config '{{\"config\": \"weights/{repo.split('/')[-1]}\"}}'")
+    config_dir = resolve_model_path(config, repo=repo)
+    try:
+        return pipeline_cls.from_single_file(str(path), config=str(config_dir), local_files_only=True,
+                                             torch_dtype=torch_dtype, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelNotFoundError(f"could not load {path} with config {config_dir}: {err}") from err
+
+
 def place_pipeline(pipe: Any, device: torch.device, offload: str) -> None:
     """Move the pipeline to ``device``, or enable CPU offload (``model``: whole components, ``sequential``:
     layer by layer; both keep the GPU memory low at a speed cost)."""
@@ -155,7 +182,7 @@ def place_pipeline(pipe: Any, device: torch.device, offload: str) -> None:
         raise ValueError(f"offload must be none, model or sequential (got {offload!r})")
 
 
-class DiffusersBackend:
+class DiffusersBackend(BackendBase):
     """Base class of the text-to-image backends. Subclasses set ``name``, ``family``, ``network`` and implement
     :meth:`_denoise` (one network call, no guidance), :meth:`_encode` and :meth:`default_schedule`.
 
@@ -177,6 +204,7 @@ class DiffusersBackend:
 
     name = "diffusers"
     family = "ve"
+    condition_kind = "prompt"
     uses_cfg = True
     default_guidance = 1.0
 
@@ -191,7 +219,7 @@ class DiffusersBackend:
         self.graphs = GraphedCall(self._guided, name=f"the {self.name} network call") if cuda_graphs or compile else None
         self._network_call = (CompiledCall(self.network, name=f"the {self.name} {type(self.network).__name__}",
                                            device=self.device) if compile else self.network)
-        vae_decode = lambda z: pipe.vae.decode(z, return_dict=False)[0]  # noqa: E731 - one expression
+        vae_decode = lambda z: self.decode_vae.decode(z, return_dict=False)[0]  # noqa: E731 - one expression
         self._vae_decode = (GraphedCall(CompiledCall(vae_decode, name=f"the {self.name} VAE decoder",
                                                      device=self.device), name=f"the {self.name} VAE decoder")
                             if compile else vae_decode)
@@ -240,6 +268,11 @@ class DiffusersBackend:
         return self.network.dtype
 
     @property
+    def decode_vae(self) -> torch.nn.Module:
+        """The VAE :meth:`decode` runs: the pipeline's (SDXL substitutes a float32 copy of an fp16 one)."""
+        return self.pipe.vae
+
+    @property
     def latent_channels(self) -> int:
         return int(self.pipe.vae.config.latent_channels)
 
@@ -275,8 +308,9 @@ class DiffusersBackend:
                 else:
                     module.forward = before
 
-    def encode_prompts(self, prompts: Sequence[str]) -> PromptCondition:
-        """Text embeddings for each prompt (and the negative prompt when guidance is on), on the device."""
+    def encode_prompts(self, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> PromptCondition:
+        """Text embeddings for each prompt (and the negative prompt when guidance is on), on the device
+        (``seeds`` unused: text conditions do not depend on the noise)."""
         prompts = [str(p) for p in prompts]
         negative = [self.negative_prompt] * len(prompts) if self.guided else None
         with torch.no_grad(), self._graphed_text_encoders():
@@ -321,7 +355,7 @@ class DiffusersBackend:
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [-1, 1], float32 ``[B, 3, H, W]`` (chunked by ``max_batch``; differentiable)."""
-        vae = self.pipe.vae
+        vae = self.decode_vae
         step = self.max_batch or x.shape[0]
         images = [self._vae_decode(self.vae_latents(x[lo:lo + step]).to(device=self.device, dtype=vae.dtype))
                   for lo in range(0, x.shape[0], step)]

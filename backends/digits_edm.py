@@ -72,7 +72,6 @@ class DigitsEDMBackend(EDMBackend):
     """An EDM network on the digits with the analytic digits backend's prompt and condition conventions."""
 
     name = "digits_edm"
-    conditions_from_seeds = False   # an empty prompt is unconditional, not a random class
     save_upscale = None             # sample.py then saves 16x16 images 4x upscaled (64 px), like the 8x8 digits
 
     def __init__(self, net: torch.nn.Module, *, max_batch: int | None = None, info: dict | None = None,
@@ -81,7 +80,7 @@ class DigitsEDMBackend(EDMBackend):
         if int(net.label_dim) != NUM_CLASSES:
             raise ValueError(f"digits_edm needs a network with {NUM_CLASSES} classes (this one has {net.label_dim})")
         self.guidance = float(guidance)
-        self.guided = self.uses_cfg = self.guidance != 1.0
+        self.uses_cfg = self.guided
 
     def encode_prompts(self, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> torch.Tensor:
         """``"7"`` or ``"a handwritten 7"`` -> 7, ``""`` -> -1 (unconditional); ``seeds`` is ignored."""

@@ -1,6 +1,6 @@
 """NVIDIA EDM pixel-space networks (CIFAR-10, FFHQ-64, AFHQv2-64, ImageNet-64) as denoisers (spec 5.2).
 
-The preconditioned network already is the denoiser of ARCHITECTURE.md in VE coordinates,
+The preconditioned network already is the denoiser of docs/backends/contract.md in VE coordinates,
 ``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)`` (:mod:`backends.edm_networks`), on images in [-1, 1];
 :class:`EDMBackend` adds the interface around it:
 
@@ -33,14 +33,13 @@ from typing import Any, Sequence
 
 import torch
 
-from solvers.schedules import ScheduleSpec
-
+from .base import BackendBase
 from .compile import CompiledCall
 from .cuda_graphs import GraphedCall
 from .edm_checkpoint import load_edm
 
 __all__ = ["EDMBackend", "EDMDataset", "EDM_DATASETS", "load_edm_backend", "class_labels_for_seeds",
-           "edm_model_path", "EDM_SIGMA_MIN", "EDM_SIGMA_MAX", "NVIDIA_EDM_URL"]
+           "edm_model_path", "file_sha256", "EDM_SIGMA_MIN", "EDM_SIGMA_MAX", "NVIDIA_EDM_URL"]
 
 EDM_SIGMA_MIN, EDM_SIGMA_MAX = 0.002, 80.0
 NVIDIA_EDM_URL = "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/"
@@ -78,7 +77,7 @@ def class_labels_for_seeds(seeds: Sequence[int], num_classes: int, shape: Sequen
     return torch.tensor(labels, dtype=torch.long)
 
 
-class EDMBackend:
+class EDMBackend(BackendBase):
     """A preconditioned EDM network (``VPPrecond``/``VEPrecond``/``iDDPMPrecond``/``EDMPrecond``, or our discrete-time
     ``DDPMPrecond``) as a denoiser.
 
@@ -91,10 +90,8 @@ class EDMBackend:
     name = "edm"
     family = "ve"
     uses_cfg = False
-    guided = False
     guidance = 1.0
     state_dtype = torch.float32
-    conditions_from_seeds = True   # sample.py passes seeds to encode_prompts (random labels per seed)
     save_upscale = 1               # images are saved at the network's resolution (FID needs it)
 
     def __init__(self, net: torch.nn.Module, *, dataset: str | None = None, max_batch: int | None = None,
@@ -109,8 +106,10 @@ class EDMBackend:
         if self.max_batch is not None and self.max_batch < 1:
             raise ValueError("max_batch must be >= 1")
         self.info = dict(info or {})
+        self.condition_kind = "label" if int(net.label_dim) else "none"
         # A discrete-time network (DDPMPrecond) keeps its own range and offers its own grid ("discrete").
         self.alphas_cumprod = getattr(net, "alphas_cumprod", None)
+        self.prediction_type = "edm" if self.alphas_cumprod is None else "epsilon"
         if self.alphas_cumprod is not None:
             self.sigma_min, self.sigma_max = float(net.sigma_min), float(net.sigma_max)
         else:
@@ -144,15 +143,6 @@ class EDMBackend:
     def net_sigma_range(self) -> tuple[float, float]:
         """The network's own ``(sigma_min, sigma_max)`` (VP: s(1e-5), s(1); EDMPrecond: 0, inf)."""
         return float(getattr(self.net, "sigma_min", 0.0)), float(getattr(self.net, "sigma_max", float("inf")))
-
-    def default_schedule(self, num_steps: int, variant: str = "correct") -> ScheduleSpec:
-        """EDM's polynomial grid, rho = 7, over ``[sigma_min, sigma_max]`` (Karras et al. eq. 5); a discrete-time
-        network's own grid, uniform in its timesteps."""
-        if self.alphas_cumprod is not None:
-            return ScheduleSpec(kind="discrete", num_steps=num_steps, sigma_min=self.sigma_min,
-                                sigma_max=self.sigma_max, rho=1.0, variant=variant)
-        return ScheduleSpec(kind="polynomial", num_steps=num_steps, sigma_min=self.sigma_min,
-                            sigma_max=self.sigma_max, rho=7.0, variant=variant)
 
     # -- conditions -----------------------------------------------------------------------------------------
     def encode_prompts(self, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> torch.Tensor | None:
@@ -263,7 +253,8 @@ def edm_model_path(model_path: str | os.PathLike | None = None, dataset: str | N
         f"and pass {hint}. See docs/edm.md.")
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -311,7 +302,7 @@ def load_edm_backend(model_path: str | os.PathLike | None = None, *, dataset: st
     elif dtype not in (None, "auto"):
         raise ValueError(f"EDM networks run in float16 or float32 (got dtype {dtype!r})")
     place = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    file_sha256 = (config.get("source") or {}).get("sha256") if path.suffix == ".pkl" else None
-    info = {**config, "file": str(path), "file_sha256": file_sha256 or _file_sha256(path)}
+    recorded = (config.get("source") or {}).get("sha256") if path.suffix == ".pkl" else None
+    info = {**config, "file": str(path), "file_sha256": recorded or file_sha256(path)}
     return EDMBackend(net.to(place), dataset=dataset, max_batch=max_batch, info=info, cuda_graphs=cuda_graphs,
                       compile=compile)

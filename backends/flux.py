@@ -1,4 +1,4 @@
-"""FLUX.1-dev (``flux``, 1024 px) as a denoiser: a guidance-distilled rectified-flow transformer (spec 5.4).
+"""FLUX.1-dev and FLUX.1-schnell (``flux``, 1024 px) as a denoiser: a rectified-flow transformer (spec 5.4).
 
 The ODE state is the ordinary latent ``[B, 16, H/8, W/8]``; around each call it is packed into 2x2 patches,
 ``[B, (H/16)(W/16), 64]`` with channel order (c, dy, dx) and row-major patch order, and unpacked again:
@@ -6,8 +6,21 @@ The ODE state is the ordinary latent ``[B, 16, H/8, W/8]``; around each call it 
     v = transformer(pack(x), sigma, guidance = g, text, pooled, txt_ids, img_ids)
     D(x, sigma) = x - sigma unpack(v)
 
-There is no classifier-free guidance batch: ``g`` (3.5) is an input of the network ("embedded guidance"),
-so a negative prompt is rejected. Decoding: ``VAE.decode(z / 0.3611 + 0.1159)``.
+There is no classifier-free guidance batch, so a negative prompt is rejected. The two releases differ in:
+
+* guidance. FLUX.1-dev is guidance-distilled: ``g`` (default 3.5) is an input of the network ("embedded
+  guidance", transformer config ``guidance_embeds=True``). FLUX.1-schnell is timestep-distilled and has no
+  guidance input (``guidance_embeds=False``): its guidance is 1.0 (none), and asking for any other value is a
+  ValueError rather than a silent no-op (diffusers ignores ``guidance_scale`` for schnell; its examples pass
+  0.0, which here means: leave guidance unset).
+* grid. dev shifts dynamically (``mu`` from the packed sequence length, 1.15 at 1024 px); schnell's scheduler
+  has ``use_dynamic_shifting=False, shift=1.0``, an unshifted grid. Both come from the scheduler config
+  (:meth:`FlowMatchingBackend.flow_shift`).
+* T5 length. ``max_sequence_length=None`` picks 512 for dev (diffusers' default) and 256 for schnell (the
+  length it was trained with; diffusers' FluxPipeline would use 512), by ``guidance_embeds``; give a number to
+  override.
+
+Decoding: ``VAE.decode(z / 0.3611 + 0.1159)``.
 """
 
 from __future__ import annotations
@@ -20,9 +33,12 @@ import torch
 from .diffusers_base import PromptCondition, load_pipeline, place_pipeline, resolve_dtype, resolve_model_path
 from .sd3 import FlowMatchingBackend
 
-__all__ = ["FluxBackend", "load_flux", "pack_latents", "unpack_latents", "latent_image_ids"]
+__all__ = ["FluxBackend", "load_flux", "pack_latents", "unpack_latents", "latent_image_ids", "MAX_SEQUENCE_LENGTH"]
 
 REPO = "black-forest-labs/FLUX.1-dev"
+
+#: Default T5 length by whether the transformer embeds guidance: dev (True) 512, schnell (False) 256.
+MAX_SEQUENCE_LENGTH = {True: 512, False: 256}
 
 
 def pack_latents(x: torch.Tensor) -> torch.Tensor:
@@ -49,18 +65,32 @@ def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch
 
 
 class FluxBackend(FlowMatchingBackend):
-    """FLUX around a diffusers ``FluxPipeline`` (transformer, VAE, CLIP-L, T5-XXL)."""
+    """FLUX.1-dev or -schnell around a diffusers ``FluxPipeline`` (transformer, VAE, CLIP-L, T5-XXL).
+
+    ``embedded_guidance``: whether the transformer takes a guidance input (dev); without it (schnell) the
+    guidance is 1.0 and another value is refused. ``max_sequence_length=None``: :data:`MAX_SEQUENCE_LENGTH`.
+    """
 
     name = "flux"
     uses_cfg = False
     default_guidance = 3.5
     latent_multiple = 2      # 2x2 packing
 
-    def __init__(self, pipe: Any, *, max_sequence_length: int = 512, **kwargs: Any):
+    def __init__(self, pipe: Any, *, max_sequence_length: int | None = None, **kwargs: Any):
+        self.embedded_guidance = bool(pipe.transformer.config.get("guidance_embeds", False))
+        if max_sequence_length is None:
+            max_sequence_length = MAX_SEQUENCE_LENGTH[self.embedded_guidance]
         self.max_sequence_length = int(max_sequence_length)
         if kwargs.get("negative_prompt"):
-            raise ValueError("FLUX.1-dev has no classifier-free guidance batch: a negative prompt is not supported "
-                             "(guidance is the embedded scale, backend_config.guidance)")
+            raise ValueError("FLUX.1 has no classifier-free guidance batch: a negative prompt is not supported "
+                             "(guidance is the embedded scale of FLUX.1-dev, backend_config.guidance)")
+        if not self.embedded_guidance:
+            guidance = kwargs.get("guidance")
+            if guidance is not None and float(guidance) != 1.0:
+                raise ValueError(f"this FLUX transformer has no guidance input (guidance_embeds=False, e.g. "
+                                 f"FLUX.1-schnell), so guidance {guidance} would have no effect; leave it unset "
+                                 "(or 1.0). diffusers' guidance_scale=0.0 for schnell means the same")
+            kwargs["guidance"] = 1.0
         super().__init__(pipe, **kwargs)
 
     @property
@@ -72,10 +102,9 @@ class FluxBackend(FlowMatchingBackend):
 
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor,
                  pooled: torch.Tensor | None) -> torch.Tensor:
-        transformer = self.pipe.transformer
         height, width = x.shape[-2:]
         guidance = None
-        if transformer.config.get("guidance_embeds", False):
+        if self.embedded_guidance:
             guidance = torch.full((x.shape[0],), self.guidance, device=x.device, dtype=torch.float32)
         velocity = self.run_network(
             hidden_states=pack_latents(x).to(self.dtype), timestep=sigma.to(self.dtype), guidance=guidance,
@@ -93,10 +122,16 @@ class FluxBackend(FlowMatchingBackend):
     def config(self) -> dict:
         return {**super().config(), "max_sequence_length": self.max_sequence_length}
 
+    def describe(self) -> dict:
+        """As :meth:`FlowMatchingBackend.describe`, with the release (``dev``: embedded guidance, else
+        ``schnell``)."""
+        return {**super().describe(), "variant": "dev" if self.embedded_guidance else "schnell"}
+
 
 def load_flux(model_path: str | None = None, *, default_model_path: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = "auto",
               offload: str = "none", **backend_kwargs: Any) -> FluxBackend:
-    """FLUX from a local diffusers folder; ``model_path`` defaults to ``$FLUX_MODEL_PATH`` (spec 5.4)."""
+    """FLUX.1-dev or -schnell from a local diffusers folder; ``model_path`` defaults to ``$FLUX_MODEL_PATH``
+    (spec 5.4). Which one it is comes from the folder's transformer and scheduler configs."""
     from diffusers import FluxPipeline
 
     place = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -1,13 +1,21 @@
-"""Stable Diffusion 1.5 (``ldm``) as a denoiser: a discrete-time VP, epsilon-predicting UNet in VE coordinates
-(spec 5.1).
+"""Stable Diffusion 1.x/2.x (``ldm``) as a denoiser: a discrete-time VP UNet in VE coordinates (spec 5.1).
 
-    x_VE = x_VP / alpha,   sigma = sqrt(1 - alpha^2) / alpha
-    D(x, sigma) = x - sigma * eps(c_in x, t(sigma)),   c_in = 1 / sqrt(1 + sigma^2)
+    x_VE = x_VP / alpha,   sigma = sqrt(1 - alpha^2) / alpha,   c_in = alpha = 1 / sqrt(1 + sigma^2)
+    out = unet(c_in x, t(sigma))
+    epsilon (SD1.x, SD2.x 512-base):  D = x - sigma out
+    v_prediction (SD2.x 768-v):       D = alpha^2 x - alpha sigma out
+    sample:                           D = out
 
-with ``t(sigma) = M sigma^{-1}(sigma) - 1`` the fractional training timestep of the continuous map built from
-``alphas_cumprod`` (:class:`solvers.schedules.VPDiscreteMap`; exactly n at sigma_n). Unlike the authors' map,
-ours is differentiable in sigma, so learned time scales get gradients through the UNet's time input.
+(:func:`backends.prediction.denoised_from_prediction`), with ``t(sigma) = M sigma^{-1}(sigma) - 1`` the
+fractional training timestep of the continuous map built from ``alphas_cumprod``
+(:class:`solvers.schedules.VPDiscreteMap`; exactly n at sigma_n). Unlike the authors' map, ours is
+differentiable in sigma, so learned time scales get gradients through the UNet's time input.
 Decoding: ``VAE.decode(z / 0.18215)``.
+
+Of the pipeline's scheduler config only the betas (``alphas_cumprod``) and ``prediction_type`` are used; its
+``timestep_spacing``, ``steps_offset``, ``set_alpha_to_one``, ``clip_sample`` and the like describe diffusers'
+own sampling grid and are ignored (our grid is ours). ``rescale_betas_zero_snr`` would change the betas
+(alphabar_M = 0, an infinite sigma_max) and is refused.
 """
 
 from __future__ import annotations
@@ -20,19 +28,23 @@ import torch
 
 from solvers.schedules import ScheduleSpec, VPDiscreteMap, beta_alphas_cumprod
 
-from .diffusers_base import (DiffusersBackend, ModelNotFoundError, PromptCondition, load_pipeline, place_pipeline,
-                             resolve_dtype, resolve_model_path)
+from .diffusers_base import (DiffusersBackend, PromptCondition, load_local_pipeline, place_pipeline, resolve_dtype,
+                             resolve_model_path)
+from .prediction import VP_PREDICTIONS, denoised_from_prediction, prediction_type_from_config, vp_input_scale
 
 __all__ = ["StableDiffusionBackend", "load_sd15", "alphas_cumprod_from_config"]
 
 REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")
 
 
 def alphas_cumprod_from_config(config: Any) -> np.ndarray:
     """``alphas_cumprod`` from a diffusers scheduler config, computed in float64 and stored as float32 as the
-    LDM code keeps its buffer (spec 5.1); ``linear`` and ``scaled_linear`` beta schedules."""
+    LDM code keeps its buffer (spec 5.1); ``linear`` and ``scaled_linear`` beta schedules (or ``trained_betas``).
+    ``rescale_betas_zero_snr`` is refused: it sets alphabar_M = 0, a terminal sigma no VE grid can start from."""
     n = int(config.get("num_train_timesteps", 1000))
+    if config.get("rescale_betas_zero_snr", False):
+        raise ValueError("rescale_betas_zero_snr=True (zero terminal SNR, alphabar_M = 0) is not supported by the "
+                         "ldm backend: its sigma_max is infinite")
     if config.get("trained_betas") is not None:
         return np.cumprod(1.0 - np.asarray(config["trained_betas"], dtype=np.float64)).astype(np.float32)
     kind = config.get("beta_schedule", "scaled_linear")
@@ -42,20 +54,29 @@ def alphas_cumprod_from_config(config: Any) -> np.ndarray:
 
 
 class StableDiffusionBackend(DiffusersBackend):
-    """SD1.x around a diffusers ``StableDiffusionPipeline`` (UNet, VAE, CLIP text encoder and tokenizer).
+    """SD1.x/2.x around a diffusers ``StableDiffusionPipeline`` (UNet, VAE, CLIP text encoder and tokenizer).
 
-    The pipeline's scheduler is only read for its beta schedule; sampling is ours. Build it from a loaded
-    pipeline with ``StableDiffusionBackend(pipe, guidance=7.5)`` or from disk with :func:`load_sd15`.
+    The pipeline's scheduler is only read for its beta schedule and ``prediction_type`` (epsilon,
+    v_prediction or sample); sampling is ours. ``prediction_type=None`` takes it from the scheduler config;
+    give it explicitly for a checkpoint whose config is wrong (e.g. an SD2.x 768-v model shipped with an
+    epsilon scheduler config). Build it from a loaded pipeline with ``StableDiffusionBackend(pipe,
+    guidance=7.5)`` or from disk with :func:`load_sd15`.
     """
 
     name = "ldm"
     family = "ve"
+    prediction_type = "epsilon"
     default_guidance = 7.5
 
-    def __init__(self, pipe: Any, *, alphas_cumprod: Any = None, **kwargs: Any):
+    def __init__(self, pipe: Any, *, alphas_cumprod: Any = None, prediction_type: str | None = None,
+                 **kwargs: Any):
+        if prediction_type is None:
+            prediction_type = prediction_type_from_config(pipe.scheduler.config)
+        if prediction_type not in VP_PREDICTIONS:
+            raise ValueError(f"prediction_type {prediction_type!r} is not supported by the ldm backend; use one "
+                             f"of {', '.join(VP_PREDICTIONS)} (or None: from the scheduler config)")
+        self.prediction_type = prediction_type
         super().__init__(pipe, **kwargs)
-        if pipe.unet.config.get("prediction_type", "epsilon") not in (None, "epsilon"):
-            raise ValueError("the ldm backend expects an epsilon-predicting UNet")
         if alphas_cumprod is None:
             alphas_cumprod = alphas_cumprod_from_config(pipe.scheduler.config)
         self.alphas_cumprod = np.asarray(alphas_cumprod, dtype=np.float32)
@@ -77,12 +98,11 @@ class StableDiffusionBackend(DiffusersBackend):
 
     def _denoise(self, x: torch.Tensor, sigma: torch.Tensor, embeds: torch.Tensor,
                  pooled: torch.Tensor | None) -> torch.Tensor:
-        s = sigma.reshape(-1, *([1] * (x.ndim - 1)))
-        c_in = 1.0 / torch.sqrt(1.0 + s * s)
+        c_in = vp_input_scale(sigma.reshape(-1, *([1] * (x.ndim - 1))))
         timestep = self.vp.timestep(sigma).to(device=x.device, dtype=torch.float32)
-        eps = self.run_network((c_in * x).to(self.dtype), timestep, encoder_hidden_states=embeds.to(self.dtype),
-                             return_dict=False)[0]
-        return x - s * eps.to(x.dtype)
+        output = self.run_network((c_in * x).to(self.dtype), timestep, encoder_hidden_states=embeds.to(self.dtype),
+                                  return_dict=False)[0]
+        return denoised_from_prediction(self.prediction_type, output, x, sigma)
 
     def _encode(self, prompts: list[str], negative: list[str] | None) -> PromptCondition:
         embeds, neg = self.pipe.encode_prompt(prompts, self.device, 1, negative is not None,
@@ -90,36 +110,26 @@ class StableDiffusionBackend(DiffusersBackend):
         return PromptCondition(embeds=embeds, neg_embeds=neg)
 
     def config(self) -> dict:
-        return {**super().config(), "negative_prompt": self.negative_prompt}
+        return {**super().config(), "negative_prompt": self.negative_prompt, "prediction_type": self.prediction_type}
+
+    def describe(self) -> dict:
+        """As :meth:`DiffusersBackend.describe`, with the family and what the UNet predicts."""
+        return {**super().describe(), "family": self.family, "prediction_type": self.prediction_type}
 
 
 def load_sd15(model_path: str | None = None, *, default_model_path: str | None = None, config: str | None = None, device: str | None = None,
               dtype: str | torch.dtype | None = "auto", offload: str = "none", **backend_kwargs: Any) -> StableDiffusionBackend:
-    """SD1.5 from a local diffusers folder, or from a single ``.ckpt``/``.safetensors`` checkpoint (the authors'
+    """SD1.x/2.x from a local diffusers folder, or from a single ``.ckpt``/``.safetensors`` checkpoint (the authors'
     ``v1-5-pruned-emaonly.ckpt``) together with ``config``, a local diffusers folder of the same architecture
-    that supplies the component configs, tokenizer and scheduler (diffusers would otherwise fetch them)."""
+    that supplies the component configs, tokenizer and scheduler (diffusers would otherwise fetch them).
+    The UNet's prediction type comes from that scheduler config; ``prediction_type=`` overrides it."""
     from diffusers import StableDiffusionPipeline
 
     place = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch_dtype = resolve_dtype(dtype, place, torch.float16)
     path = resolve_model_path(model_path, repo=REPO, env="SD15_MODEL_PATH", default=default_model_path)
     extra = dict(safety_checker=None, requires_safety_checker=False)
-    if path.is_file():
-        if path.suffix not in SINGLE_FILE_SUFFIXES:
-            raise ModelNotFoundError(f"{path}: a single-file checkpoint must end in .ckpt or .safetensors")
-        if config is None:
-            raise ModelNotFoundError(
-                f"{path} is a single-file checkpoint; also give backend_config.config = a local diffusers SD1.5 "
-                f"folder (its configs, tokenizer and scheduler are needed, and never downloaded), e.g. "
-                f"--backend-config '{{\"config\": \"weights/stable-diffusion-v1-5\"}}'")
-        config_dir = resolve_model_path(config, repo=REPO)
-        try:
-            pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(config_dir), local_files_only=True,
-                                                            torch_dtype=torch_dtype, **extra)
-        except (OSError, ValueError) as err:
-            raise ModelNotFoundError(f"could not load {path} with config {config_dir}: {err}") from err
-    else:
-        pipe = load_pipeline(StableDiffusionPipeline, Path(path), torch_dtype, **extra)
+    pipe = load_local_pipeline(StableDiffusionPipeline, Path(path), config, torch_dtype, repo=REPO, label="SD1.5", **extra)
     pipe.set_progress_bar_config(disable=True)
     place_pipeline(pipe, place, offload)
     return StableDiffusionBackend(pipe, **backend_kwargs)

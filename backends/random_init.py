@@ -1,15 +1,17 @@
 """Diffusers pipelines of the real architectures with random weights, built offline from configs only.
 
 ``build_pipeline(model, size)`` makes a ``StableDiffusionPipeline`` (``"sd15"``), ``StableDiffusion3Pipeline``
-(``"sd3"``, SD3-Medium) or ``FluxPipeline`` (``"flux"``, FLUX.1-dev) whose modules are randomly initialised:
+(``"sd3"``, SD3-Medium), ``FluxPipeline`` (``"flux"``, FLUX.1-dev) or ``StableDiffusionXLPipeline`` (``"sdxl"``,
+SDXL base 1.0) whose modules are randomly initialised:
 
 * ``size="tiny"``: 0.7-2.5M parameters per pipeline, that still run every real code path
   (cross-attention UNet, joint-attention MMDiT, FLUX double/single stream blocks, CLIP, T5, KL-VAE); they build,
   save and sample in seconds on a CPU. They are meant for ``TINY_RESOLUTION[model]`` pixels (32; the tiny VAEs
   downsample by 2, so latents are 16x16) but also run at other sizes: SD1.5 at multiples of 8 px, SD3 and FLUX
-  at multiples of 4 px (SD3 up to 128 px: ``pos_embed_max_size`` 32).
+  at multiples of 4 px (SD3 up to 128 px: ``pos_embed_max_size`` 32), SDXL at multiples of 8 px (its tiny UNet
+  downsamples the 16x16 latents twice).
 * ``size="full"``: the published architectures (SD1.5 UNet 859.5M, SD3-Medium MMDiT 2.03B, FLUX.1-dev 11.9B,
-  CLIP-L/G, T5-v1.1-XXL encoder 4.76B, the 4- and 16-channel KL-VAEs). Modules are constructed directly on
+  SDXL-base UNet 2.57B, CLIP-L/G, T5-v1.1-XXL encoder 4.76B, the 4- and 16-channel KL-VAEs). Modules are constructed directly on
   ``device`` in ``dtype``; ``device="meta"`` builds them without allocating memory (for counting parameters).
 
 Tokenizers are made offline too: CLIP's from the BPE merges that ``open_clip`` ships (the whole 49408-token
@@ -65,11 +67,11 @@ __all__ = [
     "main",
 ]
 
-MODELS = ("sd15", "sd3", "flux")
+MODELS = ("sd15", "sd3", "flux", "sdxl")
 SIZES = ("tiny", "full")
 
 #: Image side (pixels) each tiny pipeline is meant to run at (latents are 16x16: the tiny VAEs downsample by 2).
-TINY_RESOLUTION = {"sd15": 32, "sd3": 32, "flux": 32}
+TINY_RESOLUTION = {"sd15": 32, "sd3": 32, "flux": 32, "sdxl": 32}
 
 #: Number of CLIP BPE merges kept by the tiny CLIP tokenizers (vocabulary = 512 byte symbols + merges + 2).
 TINY_CLIP_MERGES = 2000
@@ -80,6 +82,8 @@ PUBLISHED_PARAMETERS = {
     "sd3": {"transformer": 2.028e9, "vae": 83.8e6, "text_encoder": 123.7e6, "text_encoder_2": 694.7e6,
             "text_encoder_3": 4.762e9},
     "flux": {"transformer": 11.90e9, "vae": 83.8e6, "text_encoder": 123.06e6, "text_encoder_2": 4.762e9},
+    # SDXL base 1.0: UNet 2,567,463,684; CLIP-L 123,060,480; OpenCLIP-bigG with projection 694,659,840
+    "sdxl": {"unet": 2.5675e9, "vae": 83.65e6, "text_encoder": 123.06e6, "text_encoder_2": 694.66e6},
 }
 
 _CLIP_VOCAB_SIZE = 49408
@@ -207,10 +211,43 @@ def _flux_configs(size: str) -> dict[str, dict[str, Any]]:
     }
 
 
+def _sdxl_configs(size: str) -> dict[str, dict[str, Any]]:
+    """SDXL base 1.0: a 3-level UNet whose cross-attention reads CLIP-L and OpenCLIP-bigG hidden states side by
+    side (768 + 1280 = 2048) and whose ``text_time`` embedding takes bigG's pooled projection plus six
+    256-wide Fourier features of the micro-conditions (1280 + 6 * 256 = 2816)."""
+    clip_l, clip_g = _clip_text_config(size, "L"), _clip_text_config(size, "G", pad_token="!")
+    if size == "full":
+        unet = dict(sample_size=128, block_out_channels=[320, 640, 1280], transformer_layers_per_block=[1, 2, 10],
+                    attention_head_dim=[5, 10, 20], addition_time_embed_dim=256, norm_num_groups=32)
+    else:
+        unet = dict(sample_size=16, block_out_channels=[32, 64, 64], transformer_layers_per_block=[1, 1, 2],
+                    attention_head_dim=[2, 4, 4], addition_time_embed_dim=8, norm_num_groups=16)
+    unet.update(in_channels=4, out_channels=4, layers_per_block=2,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                cross_attention_dim=clip_l["hidden_size"] + clip_g["hidden_size"], addition_embed_type="text_time",
+                projection_class_embeddings_input_dim=clip_g["projection_dim"] + 6 * unet["addition_time_embed_dim"],
+                use_linear_projection=True, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+                downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_eps=1e-5)
+    vae = _vae_config(size, 4, 0.13025, None, True)
+    if size == "full":
+        vae["sample_size"] = 1024
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": clip_l,
+        "text_encoder_2": clip_g,
+        "scheduler": dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                          prediction_type="epsilon", interpolation_type="linear", timestep_spacing="leading",
+                          steps_offset=1, use_karras_sigmas=False, set_alpha_to_one=False, skip_prk_steps=True,
+                          clip_sample=False, sample_max_value=1.0, trained_betas=None),
+    }
+
+
 def pipeline_configs(model: str, size: str = "tiny") -> dict[str, dict[str, Any]]:
     """Per-component configs (diffusers ``__init__`` kwargs / transformers config kwargs) of a pipeline."""
     _check(model, size)
-    return {"sd15": _sd15_configs, "sd3": _sd3_configs, "flux": _flux_configs}[model](size)
+    return {"sd15": _sd15_configs, "sd3": _sd3_configs, "flux": _flux_configs, "sdxl": _sdxl_configs}[model](size)
 
 
 def full_configs(model: str) -> dict[str, dict[str, Any]]:
@@ -407,9 +444,11 @@ def _finish(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -
 
 def build_pipeline(model: str, size: str = "tiny", *, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu", seed: int = 0):
-    """A diffusers pipeline of ``model`` (``"sd15"``/``"sd3"``/``"flux"``) with random weights, built offline.
+    """A diffusers pipeline of ``model`` (``"sd15"``/``"sd3"``/``"flux"``/``"sdxl"``) with random weights, built
+    offline.
 
-    Returns ``StableDiffusionPipeline`` / ``StableDiffusion3Pipeline`` / ``FluxPipeline``. Modules are constructed
+    Returns ``StableDiffusionPipeline`` / ``StableDiffusion3Pipeline`` / ``FluxPipeline`` /
+    ``StableDiffusionXLPipeline`` (``force_zeros_for_empty_prompt`` as SDXL base, no watermarker). Modules are constructed
     on ``device`` in ``dtype`` (``"meta"`` allocates nothing); the torch RNG is seeded with ``seed`` inside a forked
     RNG state, so builds are reproducible and the caller's RNG is left untouched.
     """
@@ -428,6 +467,9 @@ def build_pipeline(model: str, size: str = "tiny", *, dtype: torch.dtype = torch
     if model == "sd15":
         scheduler = diffusers.PNDMScheduler.from_config(cfg["scheduler"])
         tokenizers = {"tokenizer": build_clip_tokenizer(size)}
+    elif model == "sdxl":
+        scheduler = diffusers.EulerDiscreteScheduler.from_config(cfg["scheduler"])
+        tokenizers = {"tokenizer": build_clip_tokenizer(size), "tokenizer_2": build_clip_tokenizer(size, pad_token="!")}
     else:
         scheduler = diffusers.FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])
         t5_name = "tokenizer_3" if model == "sd3" else "tokenizer_2"
@@ -450,6 +492,9 @@ def build_pipeline(model: str, size: str = "tiny", *, dtype: torch.dtype = torch
             if model == "sd15":
                 modules = {"unet": diffusers.UNet2DConditionModel(**cfg["unet"]), "vae": vae,
                            "text_encoder": clip("text_encoder", False)}
+            elif model == "sdxl":
+                modules = {"unet": diffusers.UNet2DConditionModel(**cfg["unet"]), "vae": vae,
+                           "text_encoder": clip("text_encoder", False), "text_encoder_2": clip("text_encoder_2", True)}
             elif model == "sd3":
                 modules = {"transformer": diffusers.SD3Transformer2DModel(**cfg["transformer"]), "vae": vae,
                            "text_encoder": clip("text_encoder", True), "text_encoder_2": clip("text_encoder_2", True),
@@ -462,6 +507,9 @@ def build_pipeline(model: str, size: str = "tiny", *, dtype: torch.dtype = torch
     if model == "sd15":
         return diffusers.StableDiffusionPipeline(**modules, **tokenizers, scheduler=scheduler, safety_checker=None,
                                                  feature_extractor=None, requires_safety_checker=False)
+    if model == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(**modules, **tokenizers, scheduler=scheduler,
+                                                   force_zeros_for_empty_prompt=True, add_watermarker=False)
     if model == "sd3":
         return diffusers.StableDiffusion3Pipeline(**modules, **tokenizers, scheduler=scheduler)
     return diffusers.FluxPipeline(**modules, **tokenizers, scheduler=scheduler)

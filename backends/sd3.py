@@ -1,11 +1,32 @@
-"""Stable Diffusion 3 (``sd3``, Medium at 512 or 1024 px) as a denoiser: a rectified-flow transformer
-(spec 5.3).
+"""Stable Diffusion 3 and 3.5 (``sd3``: SD3-Medium at 512 or 1024 px, SD3.5-Medium, SD3.5-Large) as a
+denoiser: a rectified-flow MMDiT transformer (spec 5.3).
 
     x_sigma = (1 - sigma) x0 + sigma eps,   v = transformer(x, 1000 sigma, text, pooled)
     D(x, sigma) = x - sigma v               so (x - D) / sigma = v, the EPD/baseline direction
 
 CFG over [negative, positive] in one call (guidance 4.5 in the released tables). Decoding:
-``VAE.decode(z / scaling_factor + shift_factor)`` (SD3-Medium: 1.5305 / 0.0609).
+``VAE.decode(z / scaling_factor + shift_factor)`` (SD3/3.5: 1.5305 / 0.0609).
+
+The three releases share the pipeline, text encoders, VAE and scheduler (static shift 3.0) and differ only in
+the transformer (:func:`sd3_variant` tells them apart from its config):
+
+==============  ======  =====  =======  ==============  ===============  ==========================
+variant         layers  heads  qk_norm  dual attention  pos_embed_max    size: published (stored)
+==============  ======  =====  =======  ==============  ===============  ==========================
+sd3-medium      24      24     none     none            192              2B (2.08B)
+sd3.5-medium    24      24     rms      layers 0..12    384              2.5B (2.47B)
+sd3.5-large     38      38     rms      none            192              8.1B (8.15B)
+==============  ======  =====  =======  ==============  ===============  ==========================
+
+("stored": parameters plus the fixed sin-cos position-embedding buffer, what the checkpoint holds;
+:mod:`backends.random_variants` checks these on the meta device.)
+
+None of this changes the call (the transformer takes the same inputs), so one backend serves all three. What
+does: the default resolution (``sample_size * 8`` = 1024 px for all three), the largest resolution the
+position embedding covers (``pos_embed_max_size * patch_size * 8`` px, checked up front) and the default
+guidance when none is given (:data:`VARIANT_GUIDANCE`: the model cards' 3.5 for SD3.5-Large, 4.5 otherwise).
+Skip-layer guidance (SD3.5-Medium's optional ``skip_guidance_layers``) is not implemented: it is a sampling
+heuristic outside the ODE, off by default in diffusers.
 """
 
 from __future__ import annotations
@@ -20,15 +41,29 @@ from solvers.schedules import ScheduleSpec, flowmatch_sigmas, flux_mu
 from .diffusers_base import (DiffusersBackend, PromptCondition, load_pipeline, place_pipeline, resolve_dtype,
                              resolve_model_path)
 
-__all__ = ["FlowMatchingBackend", "SD3Backend", "load_sd3"]
+__all__ = ["FlowMatchingBackend", "SD3Backend", "load_sd3", "sd3_variant", "VARIANT_GUIDANCE"]
 
 REPO = "stabilityai/stable-diffusion-3-medium-diffusers"
+
+#: Default guidance per transformer variant when none is given (SD3-Medium: the released EPD tables' 4.5;
+#: SD3.5: the model cards' 4.5 for Medium and 3.5 for Large). SD3.5-Large-Turbo has the Large architecture and
+#: is sampled without CFG: give it ``guidance=1.0``.
+VARIANT_GUIDANCE = {"sd3-medium": 4.5, "sd3.5-medium": 4.5, "sd3.5-large": 3.5}
+
+
+def sd3_variant(config: Any) -> str:
+    """``sd3-medium``, ``sd3.5-medium`` or ``sd3.5-large`` from an ``SD3Transformer2DModel`` config, by its
+    structure: dual-attention layers mean SD3.5-Medium, QK-normalisation without them SD3.5-Large, neither SD3."""
+    if config.get("dual_attention_layers"):
+        return "sd3.5-medium"
+    return "sd3.5-large" if config.get("qk_norm") else "sd3-medium"
 
 
 class FlowMatchingBackend(DiffusersBackend):
     """Shared by SD3 and FLUX: sigma range and grid from the pipeline's FlowMatchEulerDiscreteScheduler."""
 
     family = "flow"
+    prediction_type = "flow"
     sigma_max = 1.0
 
     def _scheduler_config(self) -> Any:
@@ -58,9 +93,17 @@ class FlowMatchingBackend(DiffusersBackend):
         return ScheduleSpec(kind="flowmatch", num_steps=num_steps, sigma_min=None, sigma_max=1.0, rho=1.0,
                             variant=variant, shift=None if mu is not None else shift, mu=mu)
 
+    def describe(self) -> dict:
+        """As :meth:`DiffusersBackend.describe`, with the family and what the network predicts (``flow``)."""
+        return {**super().describe(), "family": self.family, "prediction_type": self.prediction_type}
+
 
 class SD3Backend(FlowMatchingBackend):
-    """SD3 around a diffusers ``StableDiffusion3Pipeline`` (MMDiT transformer, VAE, CLIP-L, CLIP-G, T5)."""
+    """SD3/SD3.5 around a diffusers ``StableDiffusion3Pipeline`` (MMDiT transformer, VAE, CLIP-L, CLIP-G, T5).
+
+    ``variant`` (:func:`sd3_variant`) is read from the transformer config; ``guidance=None`` means
+    :data:`VARIANT_GUIDANCE` of it. A resolution beyond what the position embedding covers is a ValueError.
+    """
 
     name = "sd3"
     default_guidance = 4.5
@@ -68,7 +111,16 @@ class SD3Backend(FlowMatchingBackend):
 
     def __init__(self, pipe: Any, *, max_sequence_length: int = 256, **kwargs: Any):
         self.max_sequence_length = int(max_sequence_length)
+        self.variant = sd3_variant(pipe.transformer.config)
+        if kwargs.get("guidance") is None:
+            kwargs["guidance"] = VARIANT_GUIDANCE[self.variant]
         super().__init__(pipe, **kwargs)
+        config = pipe.transformer.config
+        patches = self.resolution // (self.vae_scale_factor * int(config.patch_size))
+        if config.get("pos_embed_max_size") is not None and patches > int(config.pos_embed_max_size):
+            largest = int(config.pos_embed_max_size) * int(config.patch_size) * self.vae_scale_factor
+            raise ValueError(f"{self.name} ({self.variant}): resolution {self.resolution} exceeds the {largest} px "
+                             f"its position embedding covers (pos_embed_max_size {config.pos_embed_max_size})")
 
     @property
     def network(self) -> torch.nn.Module:
@@ -96,10 +148,14 @@ class SD3Backend(FlowMatchingBackend):
         return {**super().config(), "negative_prompt": self.negative_prompt,
                 "max_sequence_length": self.max_sequence_length}
 
+    def describe(self) -> dict:
+        """As :meth:`FlowMatchingBackend.describe`, with the transformer variant (:func:`sd3_variant`)."""
+        return {**super().describe(), "variant": self.variant}
+
 
 def load_sd3(model_path: str | None = None, *, default_model_path: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = "auto",
              offload: str = "none", drop_t5: bool = False, **backend_kwargs: Any) -> SD3Backend:
-    """SD3 from a local diffusers folder. ``drop_t5`` skips the 4.7B-parameter T5 encoder (diffusers then
+    """SD3 or SD3.5 (Medium, Large) from a local diffusers folder. ``drop_t5`` skips the 4.7B-parameter T5 encoder (diffusers then
     feeds zeros in its place: less memory, somewhat worse prompt following)."""
     from diffusers import StableDiffusion3Pipeline
 

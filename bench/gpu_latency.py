@@ -2,12 +2,14 @@
 compiled the way diffusers' documentation recommends (issues 7 and 14).
 
 Models are the real architectures with random weights (built offline by :mod:`backends.random_init`, fp16 for
-SD1.5/SD3, bf16 for FLUX), wrapped by our backends. Every method is timed end to end for one image: prompt
+SD1.5/SD3, bf16 for FLUX and SDXL: diffusers' speed guide runs SDXL in bf16, which also keeps SDXL's VAE out of
+its fp16 overflow), wrapped by our backends. Every method is timed end to end for one image: prompt
 encoding, sampling and VAE decoding, as diffusers' pipeline does with ``output_type="pt"``.
 
     python bench/gpu_latency.py --models sd15,sd3-512,sd3-1024,flux --warm-start --json out.json   # one GPU
     torchrun --standalone --nproc_per_node=2 bench/gpu_latency.py --models sd15,sd3-1024,flux \\
         --shard-points --json out2.json                                                        # K points over 2 GPUs
+    python bench/gpu_latency.py --models sdxl --repeats 5 --json sdxl.json                       # SDXL, 1024 px
     python bench/gpu_latency.py --models sd15 --size tiny --device cpu --repeats 1                 # dry run
 
 Method names: ``diffusers_dpmpp2m_20`` (the pipeline with DPMSolverMultistepScheduler, 20 steps, eager) and
@@ -61,7 +63,10 @@ CONFIGS = {  # name: (random_init model, resolution, network dtype)
     "sd3-512": ("sd3", 512, torch.float16),
     "sd3-1024": ("sd3", 1024, torch.float16),
     "flux": ("flux", 1024, torch.bfloat16),
+    "sdxl": ("sdxl", 1024, torch.bfloat16),
 }
+# Discrete-VP UNet models (SD1.5, SDXL): a UNet peer, a discrete DPM scheduler, no T5 sequence length.
+UNET_MODELS = ("sd15", "sdxl")
 PROMPT = "a lighthouse on a rocky cliff during a thunderstorm, oil painting"
 
 
@@ -171,7 +176,7 @@ def diffusers_scheduler(pipe: Any, model: str) -> Any:
     common = dict(algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint", lower_order_final=True,
                   final_sigmas_type="zero")
     config = pipe.scheduler.config
-    if model == "sd15":
+    if model in UNET_MODELS:
         return DPMSolverMultistepScheduler.from_config(config, **common)
     dynamic = bool(config.get("use_dynamic_shifting", False))
     return DPMSolverMultistepScheduler(num_train_timesteps=config.num_train_timesteps, use_flow_sigmas=True,
@@ -193,7 +198,7 @@ def flops_per_call(backend: Any, x: torch.Tensor, sigma: torch.Tensor, cond: Any
 
 def backend_grid(backend: Any, steps: int) -> torch.Tensor:
     """The backend's default grid of ``steps`` steps (``steps + 1`` points)."""
-    return make_sigmas(backend.default_schedule(steps + 1), alphas_cumprod=getattr(backend, "alphas_cumprod", None))
+    return make_sigmas(backend.default_schedule(steps + 1), alphas_cumprod=backend.alphas_cumprod)
 
 
 def epd_nfe20(backend: Any) -> tuple[torch.Tensor, Any]:
@@ -208,11 +213,11 @@ def _peer_pipeline(pipe: Any, model: str, compiled: bool) -> Any:
     the denoiser compiled the way diffusers' documentation says to run it fast:
     ``torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)`` (``pipe.transformer`` for SD3/FLUX).
     The shared pipeline keeps its plain modules, so our backends never call the peer's compiled one."""
-    peer = type(pipe)(**pipe.components)
+    peer = type(pipe)(**pipe.components, **({"add_watermarker": False} if model == "sdxl" else {}))
     peer.set_progress_bar_config(disable=True)
     peer.scheduler = diffusers_scheduler(pipe, model)
     if compiled:
-        name = "unet" if model == "sd15" else "transformer"
+        name = "unet" if model in UNET_MODELS else "transformer"
         setattr(peer, name, torch.compile(getattr(pipe, name), mode="reduce-overhead", fullgraph=True))
     return peer
 
@@ -233,7 +238,7 @@ def bench_model(name: str, size: str, device: torch.device, rank: int, world: in
         _broadcast_weights(pipe)
     _sync(device)
     result["build_s"] = time.perf_counter() - start
-    kwargs = {} if model == "sd15" else {"max_sequence_length": 256 if model == "sd3" else 512}
+    kwargs = {} if model in UNET_MODELS else {"max_sequence_length": 256 if model == "sd3" else 512}
     eager = backend_from_pipeline(pipe, resolution=resolution, **kwargs)
     graphed = backend_from_pipeline(pipe, resolution=resolution, cuda_graphs=device.type == "cuda", **kwargs)
     # The fast backend compiles on first use, so it costs nothing when its methods are not selected.
@@ -428,7 +433,7 @@ def first_image(name: str, device: torch.device) -> dict:
     _sync(device)
     begin = time.perf_counter()
     pipe = build_pipeline(model, "full", dtype=dtype, device=device, seed=0)
-    kwargs = {} if model == "sd15" else {"max_sequence_length": 256 if model == "sd3" else 512}
+    kwargs = {} if model in UNET_MODELS else {"max_sequence_length": 256 if model == "sd3" else 512}
     fast = backend_from_pipeline(pipe, resolution=resolution, compile=True, **kwargs)
     _sync(device)
     out["load_s"] = time.perf_counter() - begin

@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from backends.base import BackendBase  # noqa: E402
 from solvers.core import sigma_batch  # noqa: E402
 from solvers.schedules import VPDiscreteMap, sd15_alphas_cumprod  # noqa: E402
 from training.distill import Distiller, load_config  # noqa: E402
@@ -38,10 +39,13 @@ TINY_UNET = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_
              "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D")}
 
 
-class EpsUNetDenoiser:
+class EpsUNetDenoiser(BackendBase):
     """An eps-prediction UNet on the SD1.5 discrete VP schedule as ``denoiser(x, sigma, cond) -> x0``."""
 
+    name = "sd15-unet-smoke"
     family = "ve"
+    prediction_type = "epsilon"
+    condition_kind = "prompt"
     state_dtype = torch.float32
 
     def __init__(self, unet, guidance: float = 7.5, tokens: int = 77):
@@ -61,7 +65,11 @@ class EpsUNetDenoiser:
         gen = torch.Generator().manual_seed(seed)
         return torch.randn(1, self.tokens, width, generator=gen)
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def encode_prompts(self, prompts: list[str], seeds: list[int] | None = None) -> torch.Tensor:
         width = self.unet.config.cross_attention_dim
         return torch.cat([self._embedding(p, width) for p in prompts]).to(self.unet.device)
 

@@ -101,9 +101,9 @@ def check(model: str, size: str, device: torch.device, root: Path, nfe: int, rep
     flow = backend.family == "flow"
 
     # EPD with K = 2: N - 1 steps cost 2 (N - 1) sequential evaluations, so N = nfe/2 + 1.
-    epd_grid = backend.default_schedule(nfe // 2 + 1).sigmas(getattr(backend, "alphas_cumprod", None))
+    epd_grid = backend.default_schedule(nfe // 2 + 1).sigmas(backend.alphas_cumprod)
     table = uniform_table(epd_grid.numpy(), num_points=2)
-    baseline_grid = backend.default_schedule(nfe + 1).sigmas(getattr(backend, "alphas_cumprod", None))
+    baseline_grid = backend.default_schedule(nfe + 1).sigmas(backend.alphas_cumprod)
     dpmpp = get_solver("dpmpp2m")
     runs = {
         "epd_k2": lambda counter: sample_epd(counter, noise * float(epd_grid[0]), table, cond, flow=flow),

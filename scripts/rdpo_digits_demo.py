@@ -31,9 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from backends import load_backend  # noqa: E402
-from solvers.core import seeded_noise  # noqa: E402
-from solvers.epd import sample_epd  # noqa: E402
-from solvers.registry import get_solver  # noqa: E402
+from backends.generate import Sampler, generate  # noqa: E402
 from solvers.schedules import polynomial_sigmas  # noqa: E402
 from solvers.table import atomic_write, load_table, save_table  # noqa: E402
 from training.ppo import load_config, train  # noqa: E402
@@ -93,16 +91,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def table_images(table):
         def run(prompts, seeds_):
-            x = seeded_noise(seeds_, backend.shape, torch.float64) * float(table.sigmas[0])
-            with torch.no_grad():
-                return backend.decode(sample_epd(backend, x, table, backend.encode_prompts(prompts))).float()
+            return generate(backend, Sampler.from_table(table), seeds_, prompts, batch=len(seeds_))
         return run
 
     def reference_images(prompts, seeds_):       # the exact sampler (a 200-step Heun solve of the same ODE)
         sigmas = polynomial_sigmas(201, backend.sigma_min, backend.sigma_max, 7.0, terminal_zero=True)
-        x = seeded_noise(seeds_, backend.shape, torch.float64) * float(sigmas[0])
-        with torch.no_grad():
-            return backend.decode(get_solver("heun")(backend, x, sigmas, backend.encode_prompts(prompts))).float()
+        return generate(backend, Sampler.from_solver("heun", sigmas), seeds_, prompts, batch=len(seeds_))
 
     report: dict = {"config": str(CONFIG.relative_to(ROOT)), "steps": args.steps, "seeds": seeds,
                     "eval_seeds": f"{EVAL_SEEDS[0]}-{EVAL_SEEDS[-1]}", "machine": os.uname().nodename,

@@ -472,8 +472,11 @@ def _write_json(path: Path, data: Any) -> None:
     atomic_write(path, (json.dumps(data, indent=1, default=str) + "\n").encode())
 
 
-def run_cell(cell: Cell, args: argparse.Namespace, seeds: list[int], seeds_text: str, rank: int, world: int) -> dict | None:
-    """Sample (every rank), then FID on rank 0. Returns the result (rank 0) or None."""
+def run_cell(cell: Cell, args: argparse.Namespace, seeds: list[int], seeds_text: str, rank: int, world: int,
+             device: Any = None) -> dict | None:
+    """Sample (every rank) through ``sample.prepare``/``sample.write_samples``, then FID on rank 0. Returns the
+    result (rank 0) or None."""
+    import torch
     import torch.distributed as dist
 
     folder = args.outdir / cell.dataset.key / cell.name
@@ -492,9 +495,12 @@ def run_cell(cell: Cell, args: argparse.Namespace, seeds: list[int], seeds_text:
         print(f"[{cell.dataset.key} {cell.name}] {len(seeds)} images, NFE {seq} sequential / {total} total; "
               f"sample.py {' '.join(shlex.quote(a) for a in argv)}")
     start = time.perf_counter()
-    status = sample.main(argv)
-    if status != 0:
-        raise RuntimeError(f"sample.py failed for {cell.dataset.key} {cell.name} (status {status}; see above)")
+    options = sample.build_parser().parse_args(argv)
+    try:
+        job = sample.prepare(options, rank, world, torch.device(options.device) if options.device else device)
+    except (KeyError, NotImplementedError, TableError, UnsafePickleError) as err:
+        raise ValueError(f"{cell.dataset.key} {cell.name}: {err}") from err
+    sample.write_samples(job)
     if world > 1:
         dist.barrier()
     sampled = time.perf_counter() - start
@@ -581,11 +587,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    rank, world, _ = sample._distributed()
+    rank, world, device = sample.distributed()
     results = []
     try:
         for cell in cells:
-            results.append(run_cell(cell, args, seeds, seeds_text, rank, world))
+            results.append(run_cell(cell, args, seeds, seeds_text, rank, world, device))
     except (RuntimeError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -44,8 +44,7 @@ sys.path.insert(0, str(ROOT))
 from backends.digits_edm import HELDOUT, NUM_CLASSES, digits_split, load_digits_ddpm, load_digits_edm  # noqa: E402
 from backends.edm_checkpoint import save_edm  # noqa: E402
 from backends.edm_networks import DDPMPrecond, EDMPrecond  # noqa: E402
-from solvers.core import seeded_noise  # noqa: E402
-from solvers.registry import get_solver  # noqa: E402
+from backends.generate import Sampler, generate  # noqa: E402
 from solvers.schedules import polynomial_sigmas  # noqa: E402
 from solvers.table import atomic_write  # noqa: E402
 from training.runs import atomic_text, atomic_torch_save, truncate_log  # noqa: E402
@@ -239,12 +238,8 @@ def plot_loss(records: list[dict], path: Path, title: str = "digits_edm training
 def sample_images(backend, labels: torch.Tensor, seeds: list[int], steps: int = SAMPLE_STEPS) -> torch.Tensor:
     """Images ``[B, 1, R, R]`` in [-1, 1] (CPU) from the fine solver on ``backend``, one noise seed each."""
     sigmas = polynomial_sigmas(steps + 1, backend.sigma_min, backend.sigma_max, 7.0)
-    out = []
-    for lo in range(0, len(seeds), 500):
-        noise = seeded_noise(seeds[lo:lo + 500], backend.shape, torch.float32, backend.device)
-        cond = labels[lo:lo + 500].to(backend.device)
-        out.append(get_solver(SAMPLE_SOLVER)(backend, noise * float(sigmas[0]), sigmas, cond).float().cpu())
-    return torch.cat(out).clamp(-1, 1)
+    prompts = ["" if int(label) < 0 else str(int(label)) for label in labels]     # "" is unconditional
+    return generate(backend, Sampler.from_solver(SAMPLE_SOLVER, sigmas), seeds, prompts, batch=500).cpu()
 
 
 def save_grid(images: torch.Tensor, rows: int, path: Path, upscale: int = 4, pad: int = 2) -> None:

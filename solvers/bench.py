@@ -163,11 +163,10 @@ def fine_reference(model: Any, noise: torch.Tensor, sigma_max: float, ends: list
 
 def _network_reference(model: Any, noise: torch.Tensor, sigma_max: float, ends: list[float], key: dict,
                        solver: str, steps: int, batch: int, cache_dir: Path | None) -> tuple[dict, dict]:
-    key = {**key, "network": model.describe().get("file_sha256"), "solver": solver, "steps": steps,
-           "ends": sorted(ends)}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    key = {**key, "network": model.describe(), "solver": solver, "steps": steps, "ends": sorted(ends)}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
     return cached_states(None if cache_dir is None else cache_dir / f"reference-{digest}.pt",
-                         lambda: fine_reference(model, noise, sigma_max, ends, solver, steps, batch))
+                         lambda: fine_reference(model, noise, sigma_max, ends, solver, steps, batch, flow=model.flow))
 
 
 # With a solver of order p >= 1 in its asymptotic range, |x_N - x_2N| ~ (2^p - 1) |x_2N - x_exact|, so the check
@@ -181,9 +180,19 @@ def reference_converged(check_rmse_diff: float, smallest_rmse: float) -> bool:
     return bool(check_rmse_diff < CONVERGED_SHARE * smallest_rmse)
 
 
-def bench_model(name: str, **options: Any) -> tuple[Any, np.ndarray]:
-    """The model (analytic, or the digits network with ``model_path``/``device`` options) and its data set as
-    rows ``[n, D]`` (float64) for the Frechet distance."""
+def bench_model(name: str, **options: Any) -> tuple[Any, np.ndarray | None]:
+    """The model and its data set as rows ``[n, D]`` (float64) for the Frechet distance: the analytic models,
+    the digits networks (``model_path``/``device`` options), or any backend by registered name or
+    ``package.module:factory`` with its loader options (no data set: the distance is not measured)."""
+    options = {k: v for k, v in options.items() if v is not None}
+    if name not in BENCH_MODELS:
+        from backends import load_backend
+
+        model = load_backend(name, **options)
+        if model.prediction_type != "exact" and torch.device(model.device).type == "cuda":
+            torch.backends.cudnn.allow_tf32 = False       # as below: the reference must be a float32 solve
+            torch.backends.cuda.matmul.allow_tf32 = False
+        return model, None
     if name in NETWORK_MODELS:
         from backends.digits_edm import digits_images, load_digits_ddpm, load_digits_edm
 
@@ -315,16 +324,18 @@ def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samp
                   tables: dict[str, str] | None = None, schedule: ScheduleSpec | None = None, afs: bool = False,
                   rtol: float = 1e-7, batch: int = 1000, cache_dir: Path | None = Path(".cache/bench"),
                   progress: bool = True, schedules: list[ScheduleSpec] | None = None,
-                  model_options: dict | None = None, ref_solver: str = REF_SOLVER, ref_steps: int = REF_STEPS) -> dict:
+                  model_options: dict | None = None, ref_solver: str = REF_SOLVER, ref_steps: int = REF_STEPS,
+                  model: Any = None) -> dict:
     """Run every (solver, NFE, schedule) and every table on the same noise; see the module docstring.
 
     ``schedules`` (several grids, each baseline run on all) replaces ``schedule`` (one grid); with neither, the
     polynomial grid with rho 7 on the model's range. ``model_options`` (``model_path``, ``device``),
-    ``ref_solver`` and ``ref_steps`` apply to the network models (:data:`NETWORK_MODELS`).
+    ``ref_solver`` and ``ref_steps`` apply to every model without an exact solution. ``model``: the already
+    loaded ``bench_model(model_name, **model_options)``, reused instead of loading it again.
     """
-    model, data = bench_model(model_name, **(model_options or {}))
-    network = model_name in NETWORK_MODELS
-    place = getattr(model, "device", torch.device("cpu")) if network else torch.device("cpu")
+    model, data = model if model is not None else bench_model(model_name, **(model_options or {}))
+    network = model.prediction_type != "exact"     # no exact solution: a fine fixed-step reference
+    place = model.device if network else torch.device("cpu")
     if schedule is not None and schedules:
         raise ValueError("give either schedule or schedules, not both")
     specs = list(schedules) if schedules else [schedule or bench_schedules(["polynomial"], model.sigma_min, model.sigma_max)[0]]
@@ -338,9 +349,9 @@ def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samp
             raise ValueError(f"table name {name!r} is also a baseline solver name; rename the table")
         if abs(float(table.sigmas[0]) - base.sigma_max) > 1e-9 * base.sigma_max:
             raise ValueError(f"table {name} starts at sigma={table.sigmas[0]}, the benchmark at {base.sigma_max}")
-    if any(spec.kind == "discrete" for spec in specs) and getattr(model, "alphas_cumprod", None) is None:
+    if any(spec.kind == "discrete" for spec in specs) and model.alphas_cumprod is None:
         raise ValueError(f"the discrete grid needs a discrete-time model; {model_name} has no alphas_cumprod")
-    jobs = baseline_jobs(solvers, nfes, specs, afs, getattr(model, "alphas_cumprod", None))
+    jobs = baseline_jobs(solvers, nfes, specs, afs, model.alphas_cumprod)
     # Every grid ends at the schedules' sigma_min up to rounding: the nominal ends come first, so the reference
     # (and its cache key) stays the same; an end that really differs gets its own reference state.
     ends = unique_sigmas([float(spec.sigma_min) for spec in specs] + [float(job.sigmas[-1]) for job in jobs]
@@ -354,11 +365,14 @@ def run_benchmark(model_name: str, solvers: list[str], nfes: list[int], num_samp
     else:
         states, ref_report = _reference(model, noise, base.sigma_max, ends, key, rtol, cache_dir)
     ref_report["seconds"] = round(time.perf_counter() - t0, 2)
-    ref_report["fd_to_data"] = {str(s): frechet_distance(states[s].reshape(num_samples, -1).numpy(), data) for s in ends}
+    ref_report["fd_to_data"] = None if data is None else {
+        str(s): frechet_distance(states[s].reshape(num_samples, -1).numpy(), data) for s in ends}
 
     bar = tqdm(total=len(jobs) + len(loaded), disable=not progress, desc=f"bench {model_name}")
-    results = baseline_rows(model, noise, states, jobs, batch=batch, data=data, on_row=lambda _: bar.update())
-    results += [table_row(model, noise, states, name, table, batch=batch, data=data, on_row=lambda _: bar.update())
+    results = baseline_rows(model, noise, states, jobs, batch=batch, data=data, flow=model.flow,
+                            on_row=lambda _: bar.update())
+    results += [table_row(model, noise, states, name, table, batch=batch, data=data, flow=model.flow,
+                          on_row=lambda _: bar.update())
                 for name, table in loaded.items()]
     bar.close()
     for row in best_rows(results):
@@ -472,7 +486,8 @@ def markdown(report: dict) -> str:
     lines = []
     exact = "steps" not in report["reference"]   # network models have a fine-solve reference, not an exact one
     endpoint = "RMSE to the exact ODE endpoint" if exact else "RMSE to the reference ODE endpoint (fine solve)"
-    for metric, title in (("rmse", endpoint), ("fd", "Frechet distance to the data")):
+    measured_fd = report["reference"].get("fd_to_data") is not None
+    for metric, title in (("rmse", endpoint), ("fd", "Frechet distance to the data"))[:2 if measured_fd else 1]:
         lines.append(f"**{report['model']}: {title}** ({report['num_samples']} samples, seed {report['seed']}{note})\n")
         lines.append("| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |")
         lines.append("|---|" + "---|" * len(nfes))
@@ -487,12 +502,18 @@ def markdown(report: dict) -> str:
                      f"{ref['check_max_abs_diff']:.2e}, RMSE diff {ref['check_rmse_diff']:.2e}"
                      f"{' (below' if ref.get('converged', True) else ' (NOT below'} {CONVERGED_SHARE:.0%} of the smallest RMSE"
                      f"{')' if ref.get('converged', True) else ': not converged)'}; "
-                     f"FD(reference, data) = " + ", ".join(f"{float(v):.4g} at sigma {k}" for k, v in ref["fd_to_data"].items()))
+                     + _fd_note(ref))
         return "\n".join(lines)
     lines.append(f"Reference: {ref['method']}, rtol {ref['rtol']:.0e}; check against rtol {ref['check_rtol']:.0e}: "
                  f"max |diff| {ref['check_max_abs_diff']:.2e}, RMSE diff {ref['check_rmse_diff']:.2e}; "
-                 f"FD(reference, data) = " + ", ".join(f"{float(v):.4g} at sigma {k}" for k, v in ref["fd_to_data"].items()))
+                 + _fd_note(ref))
     return "\n".join(lines)
+
+
+def _fd_note(ref: dict) -> str:
+    if ref.get("fd_to_data") is None:
+        return "no data set, so no Frechet distance"
+    return "FD(reference, data) = " + ", ".join(f"{float(v):.4g} at sigma {k}" for k, v in ref["fd_to_data"].items())
 
 
 def plot(report: dict, path: Path) -> None:
@@ -502,7 +523,9 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    with_fd = report["reference"].get("fd_to_data") is not None
+    fig, axes = plt.subplots(1, 2 if with_fd else 1, figsize=(11 if with_fd else 5.6, 4.2), squeeze=False)
+    axes = list(axes[0])
     by_solver: dict[str, list] = {}
     for r in best_rows(report["results"]):
         by_solver.setdefault(r["solver"], []).append(r)
@@ -511,9 +534,10 @@ def plot(report: dict, path: Path) -> None:
         style = "o-" if "table" not in rows[0] else "*"
         for ax, metric in zip(axes, ("rmse", "fd")):
             ax.plot([r["nfe"] for r in rows], [r[metric] for r in rows], style, label=solver, markersize=8 if style == "*" else 4)
-    fd_floor = min(float(v) for v in report["reference"]["fd_to_data"].values())
     exact = "steps" not in report["reference"]
-    axes[1].axhline(fd_floor, color="grey", ls="--", lw=1, label="exact ODE" if exact else "reference ODE")
+    if with_fd:
+        fd_floor = min(float(v) for v in report["reference"]["fd_to_data"].values())
+        axes[1].axhline(fd_floor, color="grey", ls="--", lw=1, label="exact ODE" if exact else "reference ODE")
     several = len(_baseline_schedules(report["results"])) > 1
     for ax, title in zip(axes, ("RMSE to exact endpoint" if exact else "RMSE to reference endpoint",
                                 "Frechet distance to data")):
@@ -521,7 +545,7 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xlabel("NFE (sequential evaluations)")
         ax.set_title(f"{report['model']}: {title}" + (" (best schedule)" if several else ""))
         ax.grid(alpha=0.3, which="both")
-    axes[1].legend(fontsize=8, ncol=2)
+    axes[-1].legend(fontsize=8, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -534,12 +558,15 @@ def _csv(text: str, cast: Any) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m solvers.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="gmm", choices=list(BENCH_MODELS))
-    parser.add_argument("--model-path", help="digits_edm: the network file (default: the committed one)")
-    parser.add_argument("--device", help="digits_edm: cuda or cpu (default: cuda when available)")
-    parser.add_argument("--ref-solver", default=REF_SOLVER, help="digits_edm: the fine reference solver")
+    parser.add_argument("--model", default="gmm",
+                        help=f"{', '.join(BENCH_MODELS)} (with their data sets), any registered backend, or your "
+                             "own as package.module:factory (docs/backends/own_model.md)")
+    parser.add_argument("--model-path", help="network models: the weights (digits networks: default the committed one)")
+    parser.add_argument("--device", help="network models: cuda or cpu (default: cuda when available)")
+    parser.add_argument("--backend-config", help="JSON object of further loader options for --model")
+    parser.add_argument("--ref-solver", default=REF_SOLVER, help="network models: the fine reference solver")
     parser.add_argument("--ref-steps", type=int, default=REF_STEPS,
-                        help="digits_edm: steps of the fine reference (checked against half as many)")
+                        help="network models: steps of the fine reference (checked against half as many)")
     parser.add_argument("--solvers", default="ipndm,dpmpp3m,unipc,dpm2,heun,euler")
     parser.add_argument("--nfe", default="3,4,5,6,7,8,10")
     parser.add_argument("--num-samples", type=int, default=2000)
@@ -570,21 +597,41 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--schedules takes a comma list of {', '.join(BENCH_SCHEDULES)} (got {args.schedules!r})")
     if args.rho is not None and len(kinds) > 1:
         parser.error("--rho applies to a single schedule; with --schedules each kind uses its default rho")
-    options = {"model_path": args.model_path, "device": args.device}
-    if args.model not in NETWORK_MODELS and (args.model_path or args.device):
-        parser.error("--model-path and --device apply to the network models (digits_edm)")
     try:
-        model, _ = bench_model(args.model, **options)
-    except FileNotFoundError as err:
+        nfes, batch = _csv(args.nfe, int), int(args.batch)
+    except ValueError:
+        parser.error(f"--nfe takes a comma list of integers (got {args.nfe!r})")
+    if not nfes or min(nfes) < 1 or batch < 1 or args.num_samples < 1:
+        parser.error("--nfe values, --batch and --num-samples must be >= 1")
+    for name in _csv(args.solvers, str):
+        try:
+            get_solver(name)
+        except (KeyError, ValueError) as err:
+            parser.error(f"--solvers: {err.args[0]}")
+    options = {"model_path": args.model_path, "device": args.device}
+    if args.backend_config:
+        try:
+            extra = json.loads(args.backend_config)
+        except json.JSONDecodeError as err:
+            parser.error(f"--backend-config is not valid JSON: {err}")
+        if not isinstance(extra, dict):
+            parser.error("--backend-config must be a JSON object")
+        options.update(extra)
+    if args.model in ("gmm", "digits") and any(v is not None for v in options.values()):
+        parser.error("--model-path, --device and --backend-config apply to network models, not the analytic ones")
+    try:
+        loaded = bench_model(args.model, **options)
+    except (FileNotFoundError, ValueError, TypeError, NotImplementedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if "discrete" in kinds and getattr(model, "alphas_cumprod", None) is None:
-        parser.error(f"--schedules discrete needs a discrete-time model (digits_ddpm); {args.model} has none")
+    model = loaded[0]
+    if "discrete" in kinds and model.alphas_cumprod is None:
+        parser.error(f"--schedules discrete needs a discrete-time model (its alphas_cumprod); {args.model} has none")
     specs = bench_schedules(kinds, model.sigma_min, model.sigma_max, args.rho)
     report = run_benchmark(args.model, _csv(args.solvers, str), _csv(args.nfe, int), args.num_samples, args.seed,
                            tables, None, args.afs, args.rtol, args.batch,
                            None if args.no_cache else Path(".cache/bench"), schedules=specs, model_options=options,
-                           ref_solver=args.ref_solver, ref_steps=args.ref_steps)
+                           ref_solver=args.ref_solver, ref_steps=args.ref_steps, model=loaded)
     print(markdown(report))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """Pieces every solver shares: the denoiser interface, condition repetition, AFS, evaluation counting.
 
-The denoiser interface (ARCHITECTURE.md): ``denoiser(x, sigma, cond) -> x0_hat`` in variance-exploding
+The denoiser interface (docs/backends/contract.md): ``denoiser(x, sigma, cond) -> x0_hat`` in variance-exploding
 coordinates, ``sigma`` a per-sample tensor ``[B]``. The ODE direction is ``d = (x - D(x, sigma)) / sigma``
 (= the velocity ``v`` for flow-matching backends, whose adapters return ``D = x - sigma v``).
 """

@@ -428,10 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     make.add_argument("--positions", default=None,
                       help="comma-separated r values (default: the authors' start 0.335,0.665 for K = 2, "
                            "evenly spaced otherwise)")
-    make.add_argument("--schedule", default="polynomial", choices=["polynomial", "logsnr", "time_uniform"])
+    make.add_argument("--schedule", default="polynomial", choices=["polynomial", "logsnr", "time_uniform", "discrete"],
+                      help="discrete: the backend's own grid (it is loaded for its alphas_cumprod)")
     make.add_argument("--rho", type=float, help="default 7 for polynomial, 1 otherwise")
-    make.add_argument("--sigma-min", type=float, default=0.002)
-    make.add_argument("--sigma-max", type=float, default=80.0)
+    make.add_argument("--sigma-min", type=float, help="default 0.002 (discrete: the model's own)")
+    make.add_argument("--sigma-max", type=float, help="default 80 (discrete: the model's own)")
     make.add_argument("--afs", action="store_true")
     make.add_argument("--backend", default="analytic")
     make.add_argument("--backend-config", default="{}", help="JSON object, e.g. '{\"model\": \"digits\"}'")
@@ -449,16 +450,31 @@ def main(argv: list[str] | None = None) -> int:
               f"solver {table.solver})")
         return 0
     if args.command == "uniform":
-        spec = ScheduleSpec(kind=args.schedule, num_steps=args.num_steps, sigma_min=args.sigma_min,
-                            sigma_max=args.sigma_max, rho=args.rho if args.rho is not None else default_rho(args.schedule))
-        positions = [float(v) for v in args.positions.split(",")] if args.positions else \
-            ([0.335, 0.665] if args.num_points == 2 else None)
+        from backends import backend_entry, load_backend     # the CLI, not the library, knows the backends
+
+        discrete = args.schedule == "discrete"
+        spec = ScheduleSpec(kind=args.schedule, num_steps=args.num_steps,
+                            sigma_min=args.sigma_min if args.sigma_min is not None or discrete else 0.002,
+                            sigma_max=args.sigma_max if args.sigma_max is not None or discrete else 80.0,
+                            rho=args.rho if args.rho is not None else default_rho(args.schedule))
         try:
-            table = uniform_table(make_sigmas(spec), args.num_points, positions, spec, afs=args.afs,
-                                  backend=args.backend, backend_config=json.loads(args.backend_config))
-        except TableError as err:
+            positions = [float(v) for v in args.positions.split(",")] if args.positions else \
+                ([0.335, 0.665] if args.num_points == 2 else None)
+            backend_config = json.loads(args.backend_config)
+            if not isinstance(backend_config, dict):
+                raise ValueError("--backend-config must be a JSON object")
+            backend_entry(args.backend)
+            alphas_cumprod = None
+            if discrete:
+                alphas_cumprod = load_backend(args.backend, **backend_config).alphas_cumprod
+                if alphas_cumprod is None:
+                    raise ValueError(f"--schedule discrete needs a discrete-time model; backend {args.backend!r} "
+                                     "has no alphas_cumprod")
+            table = uniform_table(make_sigmas(spec, alphas_cumprod), args.num_points, positions, spec, afs=args.afs,
+                                  backend=args.backend, backend_config=backend_config)
+        except (TableError, ValueError, TypeError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
-            return 1
+            return 2 if not isinstance(err, TableError) else 1
         print(f"wrote {save_table(table, args.out)} (NFE sequential {table.eval_count().sequential})")
         return 0
     status = 0

@@ -102,5 +102,7 @@ def test_prompts_dtype_determinism_and_errors(gmm):
     out = gmm(x, torch.ones(3))
     assert out.dtype == torch.float32 and torch.equal(out, gmm(x, torch.ones(3)))
     assert load_backend("analytic", model="gmm").name == "gmm" and load_backend("digits").name == "digits"
-    with pytest.raises(ValueError, match="unknown backend 'sdxl'"):
-        load_backend("sdxl")
+    with pytest.raises(ValueError, match="unknown backend 'sd7'"):
+        load_backend("sd7")
+    with pytest.raises(ValueError, match="does not take option.*ridge"):
+        load_backend("gmm", model_path="x")

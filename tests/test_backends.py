@@ -66,8 +66,10 @@ def test_missing_paths_give_one_clear_error_each(tmp_path, tiny_model_dirs, monk
     ckpt.write_bytes(b"")
     with pytest.raises(ModelNotFoundError, match="single-file checkpoint; also give backend_config.config"):
         load_backend("ldm", model_path=str(ckpt))
-    with pytest.raises(ValueError, match="unknown backend"):
-        load_backend("sdxl")
+    with pytest.raises(ValueError, match="unknown backend 'sd7'.*package.module:function"):
+        load_backend("sd7")
+    with pytest.raises(ValueError, match="cannot import 'no_such_package.models'"):
+        load_backend("no_such_package.models:make_backend")
 
 
 def test_environment_variable_then_table_default(tiny_model_dirs, monkeypatch):
@@ -201,7 +203,7 @@ def test_flux_rejects_a_negative_prompt_and_pipeline_objects_are_reused(tiny_mod
 
 # -- CLIs ---------------------------------------------------------------------------------------------------
 def _table(backend, name: str, path: Path, num_steps: int = 4) -> Path:
-    grid = backend.default_schedule(num_steps).sigmas(getattr(backend, "alphas_cumprod", None))
+    grid = backend.default_schedule(num_steps).sigmas(backend.alphas_cumprod)
     table = uniform_table(grid.numpy(), num_points=2, backend=name,
                           backend_config={"resolution": backend.resolution}, guidance_rate=backend.guidance)
     return save_table(table, path)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from backends import BackendBase
 from backends.analytic import make_analytic
 from solvers.core import seeded_noise
 from solvers.epd import sample_epd
@@ -235,7 +236,7 @@ def test_plugin_student_and_reference_teacher(tmp_path):
 
 
 def test_nan_gradients_are_cleaned(tmp_path, gmm_model):
-    class Poisoned:
+    class Poisoned(BackendBase):
         """gmm, except that it returns NaN for one sample at the intermediate points."""
         shape, sigma_min, sigma_max, state_dtype, family = (1, 8, 8), 0.002, 80.0, torch.float64, "ve"
 
@@ -302,7 +303,7 @@ def test_killed_process_resumes_to_the_same_table(tmp_path):
 def test_teacher_cache_is_reused_and_changes_nothing(tmp_path, gmm_model):
     calls = {"n": 0}
 
-    class Counting:
+    class Counting(BackendBase):
         shape, sigma_min, sigma_max, state_dtype, family = (1, 8, 8), 0.002, 80.0, torch.float64, "ve"
 
         def __call__(self, x, sigma, cond=None):
@@ -436,3 +437,19 @@ def test_gpu_smoke_script_runs_a_diffusers_unet_on_cpu(tmp_path):
     assert report["latent_shape"] == [4, 8, 8] and report["unet_parameters"] > 0
     assert row["seconds_per_iteration"] > 0 and math.isfinite(row["loss"]) and row["optimizer_steps_per_iteration"] == 3
     assert row["positions_row0"] != pytest.approx([0.335, 0.665], abs=1e-6)   # the table moved
+
+
+def test_teacher_grid_can_be_chosen(tmp_path):
+    """teacher.grid=log splits each student interval uniformly in log sigma instead of refining the student's
+    own family; both keep the student's points, and the choice reaches the teacher (other targets)."""
+    same = Distiller(tiny(tmp_path, "teacher.M=3"), tmp_path / "a", progress=False)
+    log = Distiller(tiny(tmp_path, "teacher.M=3", "teacher.grid=log"), tmp_path / "b", progress=False)
+    ids = torch.arange(4)
+    x = same._start_states(ids)
+    a, b = same._teacher(x, same._conditions(ids)), log._teacher(x, log._conditions(ids))
+    assert a.shape == b.shape and not torch.allclose(a, b)
+    fine = teacher_grid(same.sigmas, 3)                 # the log-uniform refinement
+    steps = np.diff(np.log(fine.numpy()[:4]))
+    np.testing.assert_allclose(steps, steps[0], rtol=1e-9)
+    with pytest.raises(ConfigError, match="teacher.grid"):
+        tiny(tmp_path, "teacher.grid=cosine")

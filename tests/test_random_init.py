@@ -185,6 +185,7 @@ FULL_COUNTS = {
     "sd3": {"transformer": 2028.0, "vae": 83.8, "text_encoder": 123.7, "text_encoder_2": 694.7,
             "text_encoder_3": 4762.0},
     "flux": {"transformer": 11901.0, "vae": 83.8, "text_encoder": 123.1, "text_encoder_2": 4762.0},
+    "sdxl": {"unet": 2567.5, "vae": 83.7, "text_encoder": 123.1, "text_encoder_2": 694.7},
 }
 
 

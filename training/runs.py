@@ -8,8 +8,9 @@ import io
 import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -17,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from solvers.table import atomic_write
 
-__all__ = ["ConfigError", "compose_config", "new_run_dir", "atomic_torch_save", "atomic_text", "truncate_log",
+__all__ = ["ConfigError", "compose_config", "new_run_dir", "discard_run_on_failure", "atomic_torch_save", "atomic_text", "truncate_log",
            "init_distributed", "append_jsonl", "open_run", "rank_and_world", "rank_device"]
 
 
@@ -135,6 +136,21 @@ def init_distributed() -> None:
         dist.init_process_group(backend="cpu:gloo,cuda:nccl")
     else:
         dist.init_process_group(backend="gloo")
+
+
+@contextmanager
+def discard_run_on_failure(folder: Path, fresh: bool) -> Iterator[None]:
+    """A run that fails while it is being set up leaves no folder behind: on an exception, a ``fresh`` folder
+    holding only the ``config.yaml`` that :func:`open_run` wrote is removed (rank 0) before re-raising."""
+    try:
+        yield
+    except BaseException:
+        rank, _ = rank_and_world()
+        if fresh and rank == 0 and folder.is_dir() and {p.name for p in folder.iterdir()} <= {"config.yaml"}:
+            for item in folder.iterdir():
+                item.unlink()
+            folder.rmdir()
+        raise
 
 
 def open_run(config: DictConfig | str | Path | None, overrides: list[str] | None, resume: str | Path | None,

@@ -47,6 +47,8 @@ DEFAULTS: dict[str, Any] = {
     "teacher": {
         "solver": "heun",             # a registry solver, or "reference" (adaptive, for exact models)
         "M": 1,                       # intermediate teacher steps per student interval
+        "grid": "same",               # same: the student's grid family refined M-fold | log: each interval split
+                                      # uniformly in log sigma (both keep the student's points)
         "rtol": 1.0e-6,               # reference teacher only
         "cache": None,                # folder for cached teacher trajectories (null: no cache)
         "precompute": 0,              # > 0: before training, solve the teacher for every iteration's trajectories
@@ -107,6 +109,7 @@ _CHOICES = {
     "dtype": ("auto", "float32", "float64"),
     "schedule.kind": ("polynomial", "logsnr", "time_uniform", "discrete", "flowmatch"),
     "validation.select": ("best", "last"),
+    "teacher.grid": ("same", "log"),
 }
 _SCHEDULE_KINDS = ("polynomial", "logsnr", "time_uniform", "discrete", "flowmatch")
 

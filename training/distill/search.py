@@ -52,10 +52,9 @@ class Candidate:
 def search_candidates(config: DictConfig, backend: Any) -> list[Candidate]:
     """The search's recipes for ``backend`` (module docstring), in a fixed order."""
     search = config.search
-    flow = getattr(backend, "family", "ve") == "flow"
     sched = config.schedule
     specs = candidate_schedules(list(search.schedules), 1.0, 2.0,   # the range is the config's, not set here
-                                discrete=getattr(backend, "alphas_cumprod", None) is not None, flow=flow)
+                                discrete=backend.alphas_cumprod is not None, flow=backend.flow)
     out = []
     for spec, steps, scale, lr in itertools.product(specs, list(search.loss_steps), list(search.scales),
                                                     list(search.lr)):

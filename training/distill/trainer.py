@@ -45,6 +45,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from backends.base import check_backend
 from solvers.core import repeat_condition, seeded_noise
 from solvers.epd import epd_sampler_step
 from solvers.schedules import ScheduleSpec, make_sigmas
@@ -54,7 +55,7 @@ from training import features as feature_losses
 from training.runs import atomic_text
 from training.runs import atomic_torch_save as _atomic_torch_save
 from training.runs import init_distributed as _init_distributed
-from training.runs import new_run_dir, open_run, rank_and_world, rank_device, truncate_log
+from training.runs import discard_run_on_failure, new_run_dir, open_run, rank_and_world, rank_device, truncate_log
 
 from .config import PIXEL_DATASETS, load_config
 from .params import TableParameters
@@ -96,8 +97,9 @@ class Distiller:
         self.device = rank_device(config.device)
         # backend_from_config: a caller (the recipe search) loaded the config's backend once and shares it
         self.injected = backend is not None and not backend_from_config
-        self.backend = backend if backend is not None else self._load_backend()
-        self.flow = getattr(self.backend, "family", "ve") == "flow"
+        self.backend = check_backend(backend, "the backend handed to the trainer") if backend is not None \
+            else self._load_backend()
+        self.flow = self.backend.flow
         self.dtype = self._dtype(config.dtype)
         self.schedule, self.sigmas = self._grid()
         student = config.student
@@ -144,11 +146,12 @@ class Distiller:
     @staticmethod
     def load_config_backend(config: DictConfig) -> Any:
         """The backend the config names, on this rank's device, with the config's guidance."""
-        from backends import ANALYTIC_MODELS, canonical_backend, load_backend
+        from backends import backend_options, load_backend
 
         options = OmegaConf.to_container(config.backend, resolve=True)
         name = options.pop("name")
-        if canonical_backend(name) not in ANALYTIC_MODELS + ("analytic",):
+        accepted = backend_options(name)
+        if accepted is None or "device" in accepted:
             options.setdefault("device", str(rank_device(config.device)))      # this rank's GPU under DDP
         if config.guidance.type in ("cfg", "classifier-free") and float(config.guidance.rate) != 1.0:
             options.setdefault("guidance", float(config.guidance.rate))
@@ -156,19 +159,22 @@ class Distiller:
 
     def _dtype(self, name: str) -> torch.dtype:
         if name == "auto":
-            return getattr(self.backend, "state_dtype", torch.float32)
+            return self.backend.state_dtype
         return {"float32": torch.float32, "float64": torch.float64}[name]
 
     def _grid(self) -> tuple[ScheduleSpec, torch.Tensor]:
         sched = self.config.schedule
         shift, mu = sched.shift, sched.mu
-        if sched.kind == "flowmatch" and shift is None and mu is None and hasattr(self.backend, "flow_shift"):
+        if sched.kind == "flowmatch" and shift is None and mu is None:
             shift, mu = self.backend.flow_shift()      # the model's own (static shift, or mu for its resolution)
         spec = ScheduleSpec(kind=sched.kind, num_steps=int(self.config.student.num_steps),
                             sigma_min=float(sched.sigma_min if sched.sigma_min is not None else self.backend.sigma_min),
                             sigma_max=float(sched.sigma_max if sched.sigma_max is not None else self.backend.sigma_max),
                             rho=float(sched.rho), variant=sched.variant, shift=shift, mu=mu)
-        sigmas = make_sigmas(spec, alphas_cumprod=getattr(self.backend, "alphas_cumprod", None)).double()
+        if spec.kind == "discrete" and self.backend.alphas_cumprod is None:
+            raise ValueError(f"schedule.kind discrete needs a discrete-time model (its alphas_cumprod); the "
+                             f"{self.backend.name} backend has none")
+        sigmas = make_sigmas(spec, alphas_cumprod=self.backend.alphas_cumprod).double()
         if bool((sigmas <= 0).any()):
             raise ValueError("the student grid must end above sigma = 0 (EPD interpolates geometrically)")
         return spec, sigmas
@@ -215,9 +221,7 @@ class Distiller:
         root = self.config.teacher.cache
         if not root:
             return None
-        describe = getattr(self.backend, "describe", None)
-        key = {"backend": describe() if callable(describe) else type(self.backend).__name__,
-               "sigmas": self.sigmas.tolist(), "schedule": self.schedule.to_dict(),
+        key = {"backend": self.backend.describe(), "sigmas": self.sigmas.tolist(), "schedule": self.schedule.to_dict(),
                "teacher": OmegaConf.to_container(self.config.teacher, resolve=True),
                "conditions": OmegaConf.to_container(self.config.conditions, resolve=True),
                "guidance": OmegaConf.to_container(self.config.guidance, resolve=True),
@@ -247,8 +251,8 @@ class Distiller:
         """The teacher's states at the student's grid points (:func:`training.distill.teacher.teacher_states`)."""
         teacher = self.config.teacher
         return teacher_states(self.backend, x_start, self.sigmas, cond, solver=teacher.solver, M=int(teacher.M),
-                              schedule=self.schedule, rtol=float(teacher.rtol),
-                              alphas_cumprod=getattr(self.backend, "alphas_cumprod", None), flow=self.flow)
+                              schedule=self.schedule if teacher.grid == "same" else None, rtol=float(teacher.rtol),
+                              alphas_cumprod=self.backend.alphas_cumprod, flow=self.flow)
 
     def _batch(self, ids: torch.Tensor) -> _Batch:
         x_start = self._start_states(ids)
@@ -306,10 +310,9 @@ class Distiller:
         data = self.data_loss(student, target)
         if not last or self.feature_loss is None:
             return data
-        decode = getattr(self.backend, "decode", None)
-        images_student = decode(student) if callable(decode) else student
+        images_student = self.backend.decode(student)
         with torch.no_grad():
-            images_teacher = decode(target) if callable(decode) else target
+            images_teacher = self.backend.decode(target)
         features = float(self.config.loss.alpha) * self.feature_loss(images_student, images_teacher)
         return features + data if self.config.loss.final == "features+data" else features
 
@@ -415,8 +418,7 @@ class Distiller:
 
     def metadata(self, seconds: float | None = None, final_loss: float | None = None) -> dict:
         config = self.config
-        describe = getattr(self.backend, "describe", None)
-        info = describe() if callable(describe) else {"backend": type(self.backend).__name__}
+        info = self.backend.describe()
         if self.injected:  # a model handed in by code: record what it says about itself
             backend, options = info.get("backend", type(self.backend).__name__), {}
         else:              # what load_backend() needs to rebuild it (sample.py reads these two fields)
@@ -462,21 +464,19 @@ class Distiller:
     # -- validation ------------------------------------------------------------------------------------------
     def reference_settings(self) -> dict:
         """``validation.reference`` with ``auto`` resolved: the adaptive solve for exact models, else dpmpp3m."""
-        from backends import AnalyticDiffusion
-
         ref = OmegaConf.to_container(self.config.validation.reference, resolve=True)
         if ref["solver"] == "auto":
-            ref["solver"] = "reference" if isinstance(self.backend, AnalyticDiffusion) else "dpmpp3m"
+            ref["solver"] = "reference" if self.backend.prediction_type == "exact" else "dpmpp3m"
         return {"solver": ref["solver"], "rtol": float(ref["rtol"])} if ref["solver"] == "reference" else \
             {"solver": ref["solver"], "steps": int(ref["steps"])}
 
     def comparison_schedules(self) -> list:
         sched = self.config.schedule
         shift, mu = sched.shift, sched.mu
-        if self.flow and shift is None and mu is None and hasattr(self.backend, "flow_shift"):
+        if self.flow and shift is None and mu is None:
             shift, mu = self.backend.flow_shift()
         return candidate_schedules(list(self.config.compare.schedules), float(self.sigmas[-1]), float(self.sigmas[0]),
-                                   discrete=getattr(self.backend, "alphas_cumprod", None) is not None, flow=self.flow,
+                                   discrete=self.backend.alphas_cumprod is not None, flow=self.flow,
                                    shift=shift, mu=mu)
 
     def validation_set(self, sigma_end: float | None = None) -> ValidationSet | None:
@@ -488,8 +488,7 @@ class Distiller:
             return None
         if self.validation is not None and (sigma_end is None or self.validation.covers(sigma_end)):
             return self.validation
-        describe = getattr(self.backend, "describe", None)
-        key = {"backend": describe() if callable(describe) else type(self.backend).__name__,
+        key = {"backend": self.backend.describe(),
                "conditions": OmegaConf.to_container(self.config.conditions, resolve=True),
                "guidance": OmegaConf.to_container(self.config.guidance, resolve=True),
                "seed": int(self.config.seed)}
@@ -535,7 +534,7 @@ class Distiller:
             return None
         return compare_with_baselines(self.backend, validation, table, self.comparison_schedules(),
                                       list(self.config.compare.solvers),
-                                      alphas_cumprod=getattr(self.backend, "alphas_cumprod", None))
+                                      alphas_cumprod=self.backend.alphas_cumprod)
 
     # -- main loop ------------------------------------------------------------------------------------------
     def run(self) -> PredictorTable:
@@ -624,7 +623,8 @@ def train(config: DictConfig | str | Path, overrides: list[str] | None = None, *
         from .search import run_search
 
         return run_search(config, folder, backend=backend, progress=progress)
-    distiller = Distiller(config, folder, backend=backend, progress=progress, stop_after=stop_after)
+    with discard_run_on_failure(folder, fresh=resume is None and run_dir is None):
+        distiller = Distiller(config, folder, backend=backend, progress=progress, stop_after=stop_after)
     table = distiller.run()
     if dist.is_initialized():
         dist.barrier()

@@ -37,14 +37,15 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from backends import ANALYTIC_MODELS, canonical_backend, load_backend, options_from_table
-from solvers.core import parse_seeds, seeded_noise
-from solvers.epd import sample_epd
+from backends import backend_options, canonical_backend, load_backend, options_from_table
+from backends.base import check_backend
+from backends.generate import Sampler, generate
+from solvers.core import parse_seeds
 from solvers.table import PredictorTable, load_table, save_table
 from training.prompts import read_prompts
 from training.rewards import reward_from_config
-from training.runs import (append_jsonl, atomic_torch_save, init_distributed, open_run, rank_and_world, rank_device,
-                           truncate_log)
+from training.runs import (append_jsonl, atomic_torch_save, discard_run_on_failure, init_distributed, open_run,
+                           rank_and_world, rank_device, truncate_log)
 
 from .advantages import rloo_advantages
 from .cold_start import cold_start
@@ -141,8 +142,8 @@ class RDPOTrainer:
 
         self.start_table = load_table(config.data.predictor_snapshot)
         self._check_table()
-        self.backend = backend if backend is not None else self._load_backend()
-        self.flow = getattr(self.backend, "family", "ve") == "flow"
+        self.backend = check_backend(backend, "the backend handed to the trainer") if backend is not None \
+            else self._load_backend()
         self.reward = reward if reward is not None else reward_from_config(
             OmegaConf.to_container(config.reward, resolve=True))
         self.prompts = self._prompts(config.data.prompts, config.data.prompt_csv)
@@ -178,7 +179,8 @@ class RDPOTrainer:
 
     def _load_backend(self) -> Any:
         name, options = self.backend_spec()
-        if name not in ANALYTIC_MODELS:
+        accepted = backend_options(name)
+        if accepted is None or "device" in accepted:
             options.setdefault("device", str(self.device))
         return load_backend(name, **options)
 
@@ -213,15 +215,8 @@ class RDPOTrainer:
 
     def generate(self, tables: BatchTable | PredictorTable, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """Images (decoded, in [-1, 1]) for per-image ``tables`` or one table."""
-        state_dtype = getattr(self.backend, "state_dtype", torch.float32)
-        place = getattr(self.backend, "device", self.device)
-        noise = seeded_noise(seeds, tuple(self.backend.shape), state_dtype, device=place)
-        with torch.no_grad():
-            cond = self.backend.encode_prompts(prompts)
-            x = sample_epd(self.backend, noise * float(tables.sigmas[0]), tables, cond, flow=self.flow)
-            if self.config.ppo.decode_rgb and hasattr(self.backend, "decode"):
-                x = self.backend.decode(x)
-        return x.float()
+        return generate(self.backend, Sampler.from_table(tables), seeds, prompts, batch=len(seeds),
+                        decode=bool(self.config.ppo.decode_rgb)).float()
 
     def _score(self, images: torch.Tensor, prompts: list[str]) -> Any:
         return self.reward(images, prompts, batch_size=int(self.config.reward.batch_size))
@@ -238,7 +233,7 @@ class RDPOTrainer:
     def train_step(self, step: int) -> dict:
         ppo = self.config.ppo
         prompts, seeds, generator = self.draw(step)
-        place = torch.device(getattr(self.backend, "device", self.device))
+        place = torch.device(self.backend.device)
         if place.type == "cuda":
             torch.cuda.reset_peak_memory_stats(place)
         self.policy.eval()
@@ -407,7 +402,8 @@ def train(config: DictConfig | str | Path, overrides: list[str] | None = None, *
     init_distributed()
     config, folder = open_run(config, overrides, resume, run_dir, load_config,
                               lambda c: (c.run.output_root, c.run.run_name))
-    trainer = RDPOTrainer(config, folder, backend=backend, reward=reward, progress=progress, stop_after=stop_after)
+    with discard_run_on_failure(folder, fresh=resume is None and run_dir is None):
+        trainer = RDPOTrainer(config, folder, backend=backend, reward=reward, progress=progress, stop_after=stop_after)
     table = trainer.run()
     if dist.is_initialized():
         dist.barrier()
