@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -289,7 +290,7 @@ class SampleJob:
     rank: int = 0
     world: int = 1
 
-    @property
+    @cached_property
     def outdir(self) -> Path:
         nfe = self.sampler.eval_count().sequential
         return self.args.outdir or Path("samples") / self.backend_name.replace(":", "_") / f"{self.sampler.label}_nfe{nfe}"

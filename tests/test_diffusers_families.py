@@ -119,15 +119,12 @@ def test_variant_pipeline_parity(pipes, name, solver):
             assert np.allclose(sigmas[:-1].double().numpy(), expected, rtol=0, atol=1e-6)
 
     if base == "sd15":
-        start = noise * (scheduler.init_noise_sigma if solver == "euler" else torch.sqrt(1 + sigmas[0] ** 2))
+        start = noise * harness.vp_start_scale(scheduler, solver, sigmas)
     else:
         start = noise
-    flow = backend.family == "flow"
 
     def ours_from(condition):
-        if solver == "euler":
-            return sample_euler(backend, start, sigmas, condition, flow=flow)
-        return sample_dpmpp(backend, start, sigmas, condition, order=2, lower_order_final=True, flow=flow)
+        return harness.solve_ours(backend, solver, start, sigmas, condition)
 
     with torch.no_grad():
         with harness.TimeRecorder(network) as ours_rec:

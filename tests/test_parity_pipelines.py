@@ -161,6 +161,19 @@ def initial_noise(backend, batch: int, seed: int = 1234) -> torch.Tensor:
     return torch.randn(batch, *backend.shape, generator=gen, dtype=torch.float32)
 
 
+def vp_start_scale(scheduler, solver: str, sigmas: torch.Tensor) -> torch.Tensor:
+    """The factor from the pipeline's ``latents`` to our VE start on a discrete VP model (module docstring):
+    Euler keeps a VE state (``init_noise_sigma``), DPM-Solver the VP state (``sqrt(1 + sigma_0^2)``)."""
+    return scheduler.init_noise_sigma if solver == "euler" else torch.sqrt(1 + sigmas[0] ** 2)
+
+
+def solve_ours(backend, solver: str, start: torch.Tensor, sigmas: torch.Tensor, cond):
+    """Our Euler or DPM-Solver++(2M) through ``backend`` on the pipeline's grid (flow states for flow backends)."""
+    if solver == "euler":
+        return sample_euler(backend, start, sigmas, cond, flow=backend.flow)
+    return sample_dpmpp(backend, start, sigmas, cond, order=2, lower_order_final=True, flow=backend.flow)
+
+
 def run_pipeline(pipe, model: str, scheduler, cond, noise: torch.Tensor, recorder: TimeRecorder):
     """Diffusers' own sampling loop; returns the final latents ``[B, C, h, w]`` (unpacked for FLUX)."""
     original = pipe.scheduler
@@ -208,16 +221,10 @@ def test_pipeline_parity(pipes, model, solver):
     if model == "flux" and solver == "dpmpp2m":     # the pipeline's dynamic mu reached the DPM scheduler
         assert abs(float(scheduler.config.flow_shift) - math.exp(backend.flow_shift()[1])) < 1e-6
 
-    if model == "sd15":
-        start = noise * (scheduler.init_noise_sigma if solver == "euler" else torch.sqrt(1 + sigmas[0] ** 2))
-    else:
-        start = noise
-    flow = backend.family == "flow"
+    start = noise * vp_start_scale(scheduler, solver, sigmas) if model == "sd15" else noise
 
     def ours_from(condition):
-        if solver == "euler":
-            return sample_euler(backend, start, sigmas, condition, flow=flow)
-        return sample_dpmpp(backend, start, sigmas, condition, order=2, lower_order_final=True, flow=flow)
+        return solve_ours(backend, solver, start, sigmas, condition)
 
     with torch.no_grad():
         with TimeRecorder(network) as ours_rec:

@@ -36,11 +36,10 @@ from backends.diffusers_base import ModelNotFoundError
 from backends.ldm import StableDiffusionBackend
 from backends.random_init import PUBLISHED_PARAMETERS, TINY_RESOLUTION, build_pipeline, count_parameters
 from backends.sdxl import SDXLBackend, sdxl_time_ids
-from solvers.baselines import sample_dpmpp, sample_euler
 from solvers.epd import sample_epd
 from solvers.table import load_table, save_table, uniform_table
 from test_parity_pipelines import (EPD_TOL, PROMPTS, STEPS, TIMESTEP_ATOL, TOL, NetworkRows, RowSpy, TimeRecorder,
-                                   initial_noise, make_scheduler, relative_error)
+                                   initial_noise, make_scheduler, relative_error, solve_ours, vp_start_scale)
 
 pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning"),
               pytest.mark.usefixtures("one_torch_thread")]
@@ -120,12 +119,6 @@ def run_pipeline(pipe, scheduler, cond, noise, recorders, steps: int = STEPS, **
     return out, scheduler.sigmas.detach().clone().float()
 
 
-def ours(backend, solver, start, sigmas, cond):
-    if solver == "euler":
-        return sample_euler(backend, start, sigmas, cond)
-    return sample_dpmpp(backend, start, sigmas, cond, order=2, lower_order_final=True)
-
-
 # -- parity with diffusers' pipeline ----------------------------------------------------------------------------
 @pytest.mark.parametrize("case", ["euler", "dpmpp2m", "euler-negative-sizes"])
 def test_pipeline_parity(pipe, case):
@@ -143,12 +136,12 @@ def test_pipeline_parity(pipe, case):
     their_t, their_added = TimeRecorder(pipe.unet), AddedCondRecorder(pipe.unet)
     theirs, sigmas = run_pipeline(pipe, scheduler, cond, noise, [their_t, their_added], **sizes)
     assert sigmas.shape == (STEPS + 1,) and sigmas[-1] == 0 and bool((sigmas[1:] < sigmas[:-1]).all())
-    init = scheduler.init_noise_sigma if solver == "euler" else torch.sqrt(1 + sigmas[0] ** 2)
+    init = vp_start_scale(scheduler, solver, sigmas)
     assert float(init) == pytest.approx(float(torch.sqrt(1 + sigmas[0] ** 2)), rel=1e-6)   # "leading": VP start
     start = noise * init
 
     with torch.no_grad(), TimeRecorder(pipe.unet) as our_t, AddedCondRecorder(pipe.unet) as our_added:
-        mine = ours(backend, solver, start, sigmas, cond)
+        mine = solve_ours(backend, solver, start, sigmas, cond)
     rel = relative_error(mine, theirs)
     moved = relative_error(theirs, start)
     print(f"sdxl {case:22s} rel={rel:.2e} (final vs start {moved:.2f})")
@@ -169,9 +162,9 @@ def test_pipeline_parity(pipe, case):
     if case == "euler":
         # the conditioning is really tested: other prompts, or other micro-conditions, move the result far
         with torch.no_grad():
-            swapped = ours(backend, solver, start, sigmas, backend.encode_prompts(PROMPTS[::-1]))
-            resized = ours(make_backend(pipe, original_size=(64, 48), crops_coords_top_left=(8, 0)), solver, start,
-                           sigmas, cond)
+            swapped = solve_ours(backend, solver, start, sigmas, backend.encode_prompts(PROMPTS[::-1]))
+            resized = solve_ours(make_backend(pipe, original_size=(64, 48), crops_coords_top_left=(8, 0)), solver,
+                                 start, sigmas, cond)
         print(f"     prompts swapped {relative_error(swapped, theirs):.2f}, micro-conditions changed "
               f"{relative_error(resized, theirs):.2e}")
         assert relative_error(swapped, theirs) > 0.01 and relative_error(resized, theirs) > 100 * SDXL_TOL
