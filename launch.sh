@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Train -> sample -> evaluate (the authors' launch.sh, spec 8.4, for this code base).
+# Train -> sample -> evaluate (the authors' launch.sh, docs/authors-code.md §8.4, for this code base).
 #
 #   1. RDPO for sd15, sd3_512 and sd3_1024 (python -m training.ppo.launch --config training/ppo/cfgs/<name>.yaml;
 #      torchrun when NPROC_PER_NODE > 1), then ./train_flux.sh (run name flux_dev).
@@ -7,7 +7,7 @@
 #      src/prompts/test.txt, the authors' 1000 prompts) with seeds $SEEDS (0-999) into samples/<name> (samples/flux
 #      for FLUX): sample.py (batch 16) for sd15, sample_sd3.py (batch 4) for SD3, sample_flux.py (batch 1) for FLUX.
 #   3. score_all_metrics <name> for every sample folder: each metric whose weights are present
-#      (python -m training.rewards.weights check), summary in results/<name>-summary.{json,md}.
+#      (python -m training.rewards.pretrained check), summary in results/<name>-summary.{json,md}.
 #
 # Variables:
 #   MODELS       models to run (default "sd15 sd3_512 sd3_1024 flux_dev")
@@ -90,7 +90,7 @@ done
 
 # 1. Training ---------------------------------------------------------------------------------------------------
 if [ "${SKIP_TRAIN:-0}" != 1 ]; then
-  if [ -z "$("$PYTHON" training/rewards/weights.py present --root "$WEIGHTS_DIR" hps)" ]; then
+  if [ -z "$("$PYTHON" training/rewards/pretrained.py present --root "$WEIGHTS_DIR" hps)" ]; then
     die "the RDPO configs reward HPSv2.1: put HPS_v2.1_compressed.pt under $WEIGHTS_DIR/ (see above), or SKIP_TRAIN=1"
   fi
   for name in sd15 sd3_512 sd3_1024; do

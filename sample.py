@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -43,11 +41,14 @@ from solvers.core import parse_seeds
 from solvers.parallel import DistributedPoints
 from solvers.registry import get_solver
 from solvers.schedules import SCHEDULES, ScheduleSpec, default_rho, make_sigmas
+from safeio import atomic_write
 from solvers.table import PredictorTable, TableError, UnsafePickleError, load_table
-from training.prompts import read_prompts
+from backends.distributed import barrier, join_process_group, leave_process_group
+from backends.images import image_grid, png_bytes, to_uint8
+from backends.prompts import read_prompts
 
 __all__ = ["parse_seeds", "resolve_predictor_path", "read_prompts", "build_parser", "backend_script_parser",
-           "SampleJob", "prepare", "write_samples", "distributed", "main"]
+           "SampleJob", "prepare", "write_samples", "main"]
 
 
 def resolve_predictor_path(value: str, root: Path = Path("exps")) -> Path:
@@ -75,44 +76,6 @@ def resolve_predictor_path(value: str, root: Path = Path("exps")) -> Path:
     raise FileNotFoundError(f"no predictor table at {value}")
 
 
-def _atomic_bytes(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[-1, 1] images ``[B, C, H, W]`` -> uint8 ``[B, H, W, C]`` with rounding (not truncation, spec 9.41)."""
-    arr = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return arr.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def _pil(array: np.ndarray, upscale: int) -> Image.Image:
-    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    if upscale > 1:
-        image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
-    return image
-
-
-def make_grid(images: list[np.ndarray], pad: int = 2) -> np.ndarray:
-    n = len(images)
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    h, w, c = images[0].shape
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, q = divmod(i, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + q * (w + pad): pad + q * (w + pad) + w] = img
-    return grid
-
-
 def str2bool(value: str) -> bool:
     if value.lower() in ("1", "true", "yes", "on"):
         return True
@@ -131,10 +94,10 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                         help="baseline grid; default: the backend's own (tables always use theirs)")
     parser.add_argument("--rho", type=float, help="baseline grid rho (default 7 for polynomial, else 1)")
     parser.add_argument("--afs", action="store_true",
-                        help="baseline: analytic first step (spec 1.3), one evaluation fewer (how two-evaluation "
-                             "solvers reach an odd NFE); a table carries its own flag")
+                        help="baseline: analytic first step (docs/authors-code.md §1.3), one evaluation fewer "
+                             "(how two-evaluation solvers reach an odd NFE); a table carries its own flag")
     parser.add_argument("--grid-variant", default="correct", choices=("correct", "official"),
-                        help="baseline grid: correct, or the authors' (spec 9.7-9.9)")
+                        help="baseline grid: correct, or the authors' (docs/authors-code.md §9.7-9.9)")
     parser.add_argument("--model_path", "--model-id", "--model_id", dest="model_path",
                         help="local diffusers folder (SD1.5 also a .ckpt/.safetensors), or a repo id already in "
                              "the local Hugging Face cache; default $SD15_MODEL_PATH / $SDXL_MODEL_PATH / $SD3_MODEL_PATH / "
@@ -249,31 +212,6 @@ def _backend_from(args: argparse.Namespace, table: PredictorTable | None, device
     return load_backend(name, **config), name, config
 
 
-def distributed() -> tuple[int, int, torch.device | None]:
-    """(rank, world size, device) under torchrun, with the process group set up; (0, 1, None) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, None
-    import torch.distributed as dist
-
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 @dataclass
 class SampleJob:
     """Everything a sampling run needs, checked: what :func:`prepare` builds and :func:`write_samples` runs."""
@@ -380,7 +318,7 @@ def write_samples(job: SampleJob) -> tuple[int, float]:
             labels = done.labels
             for j, (seed, prompt, array) in enumerate(zip(done.seeds, done.prompts, images)):
                 path = image_path(seed)
-                _atomic_bytes(path, lambda tmp, a=array: _pil(a, upscale).save(tmp, format="PNG"))
+                atomic_write(path, png_bytes(array, upscale))
                 sidecar = {"seed": seed, "prompt": prompt, "solver": sampler.label, "table": table_info,
                            "nfe": {"sequential": nfe.sequential, "total": nfe.total,
                                    "network_rows_per_evaluation": cfg_rows},
@@ -388,8 +326,7 @@ def write_samples(job: SampleJob) -> tuple[int, float]:
                            "backend_config": saved_config, "guidance": backend.guidance}
                 if labels is not None:
                     sidecar["class_label"] = labels[j]
-                _atomic_bytes(path.with_suffix(".json"),
-                              lambda tmp, d=sidecar: Path(tmp).write_text(json.dumps(d, indent=1, default=str)))
+                atomic_write(path.with_suffix(".json"), json.dumps(sidecar, indent=1, default=str).encode())
             bar.update(len(done.seeds))
             if number == 0 and args.compile and rank == 0:
                 tqdm.write(f"first batch in {time.perf_counter() - start:.1f} s (compilation included; kept in "
@@ -403,7 +340,7 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     args = (parser or build_parser()).parse_args(argv)
     # A caller that set up the process group (scripts/reproduce_iccv.py runs several cells) keeps it.
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    rank, world, device = distributed()
+    rank, world, device = join_process_group()
     if args.device:
         device = torch.device(args.device)
     try:
@@ -412,17 +349,15 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_samples(job)
-    _barrier(world)
+    barrier()
     if args.grid and rank == 0:
         arrays = [np.asarray(Image.open(job.image_path(s))) for s in job.seeds[:256]]
         arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
         grid_path = job.outdir / "grid.png"
-        _atomic_bytes(grid_path, lambda tmp: _pil(make_grid(arrays), 1).save(tmp, format="PNG"))
+        atomic_write(grid_path, png_bytes(image_grid(arrays)))
         print(f"grid: {grid_path}")
-    if world > 1 and owns_group:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    if owns_group:
+        leave_process_group()
     return 0
 
 

@@ -5,8 +5,8 @@
     FLUX_MODEL_PATH=weights/FLUX.1-dev python sample_flux.py --solver euler --steps 28 --seeds 0-7
 
 The model is ``--model-id`` (a local folder, or a repo id already in the local Hugging Face cache), else
-``$FLUX_MODEL_PATH``, else the table's recorded id (spec 5.4); nothing is downloaded. Guidance is the embedded
-scale (3.5 in the released table), there is no negative prompt. Prompts pair with seeds by position, cycling.
+``$FLUX_MODEL_PATH``, else the table's recorded id (docs/authors-code.md §5.4); nothing is downloaded. Guidance is the
+embedded scale (3.5 in the released table), there is no negative prompt. Prompts pair with seeds by position, cycling.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ authors' ``sample_sd3.py`` defaults (seeds 0-3, batches of 4, ``samples/sd3_epd`
     python sample_sd3.py --solver dpmpp2m --steps 20 --model-id weights/sd3-medium --prompt-file src/prompts/eval.txt
 
 Prompts pair with seeds by position in the seed list, cycling (as in sample.py and sample_flux.py).
-The ODE state is float32 (the authors draw and integrate it in fp16, spec 9.14); the backbone runs in fp16.
+The ODE state is float32 (the authors draw and integrate it in fp16, docs/authors-code.md §9.14); the backbone
+runs in fp16.
 """
 
 from __future__ import annotations

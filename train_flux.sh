@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# RDPO on FLUX.1-dev (spec 8.4), the authors' train_flux.sh with the same variables:
+# RDPO on FLUX.1-dev (docs/authors-code.md §8.4), the authors' train_flux.sh with the same variables:
 #   FLUX_SNAPSHOT_PATH   start table (default exps/flux/flux-start.pkl: the authors' file, read without running its code)
 #   FLUX_MODEL_PATH      local FLUX.1-dev diffusers folder (required; nothing is downloaded)
 #   FLUX_PROMPT_CSV      prompt file (.csv with a text column, or .txt); default: the config's

@@ -1,12 +1,12 @@
 """What the diffusers-based backends (SD1.5, SD3, FLUX) share: local-only loading, prompt conditions,
 classifier-free guidance in one batched call, per-call batch limits, dtype handling and VAE decoding.
 
-A backend wraps a diffusers pipeline object (loaded from a local folder, or handed over by the user) and
-exposes the Backend contract (docs/backends/contract.md), ``backend(x, sigma, cond) -> x0_hat``, plus
-``encode_prompts``, ``decode`` and ``default_schedule``. Subclasses only say how their network's raw output
-becomes ``D`` (spec 5.1, 5.3, 5.4). dtype policy: the ODE state and ``D`` stay float32 (or whatever dtype the
-state has); only the network runs in the pipeline's dtype (fp16/bf16). The authors integrate SD3/FLUX states
-in fp16/bf16 (spec 1.4, 9.14); we do not.
+A backend wraps a diffusers pipeline object (loaded from a local folder, or handed over by the user) and exposes the
+Backend contract (docs/backends/contract.md), ``backend(x, sigma, cond) -> x0_hat``, plus ``encode_prompts``, ``decode``
+and ``default_schedule``. Subclasses only say how their network's raw output becomes ``D`` (docs/authors-code.md §5.1,
+5.3, 5.4). dtype policy: the ODE state and ``D`` stay float32 (or whatever dtype the state has); only the network runs
+in the pipeline's dtype (fp16/bf16). The authors integrate SD3/FLUX states in fp16/bf16 (docs/authors-code.md §1.4,
+9.14); we do not.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ class PromptCondition:
                        prompts=tuple(prompt_fn(self.prompts)))
 
     def repeat_interleave(self, repeats: int) -> "PromptCondition":
-        """Each row ``repeats`` times, in ``b * repeats + k`` order (the parallel EPD call's, spec 1.1, 9.1-9.2)."""
+        """Each row ``repeats`` times, in ``b * repeats + k`` order: the parallel EPD call's
+        (docs/authors-code.md §1.1, 9.1-9.2)."""
         return self._map(lambda t: t.repeat_interleave(repeats, dim=0),
                          lambda p: [q for q in p for _ in range(repeats)])
 

@@ -1,4 +1,4 @@
-"""NVIDIA EDM pixel-space networks (CIFAR-10, FFHQ-64, AFHQv2-64, ImageNet-64) as denoisers (spec 5.2).
+"""NVIDIA EDM pixel-space networks (CIFAR-10, FFHQ-64, AFHQv2-64, ImageNet-64) as denoisers (docs/authors-code.md §5.2).
 
 The preconditioned network already is the denoiser of docs/backends/contract.md in VE coordinates,
 ``D(x, sigma) = c_skip x + c_out F(c_in x, c_noise)`` (:mod:`backends.edm_networks`), on images in [-1, 1];
@@ -8,15 +8,15 @@ The preconditioned network already is the denoiser of docs/backends/contract.md 
   net, as integers ``[B]`` (label -1: the zero label vector the release feeds when no label is given) or
   one-hot / soft rows ``[B, label_dim]``; ``None`` for unconditional nets. Labels are per image, so the
   solvers' ``repeat_condition(cond, K)`` (``repeat_interleave`` along dim 0, row ``b*K + k``) routes them to
-  the K parallel points of image b; the authors forgot this for class labels (spec 9.1-9.2).
+  the K parallel points of image b; the authors forgot this for class labels (docs/authors-code.md §9.1-9.2).
 * Class labels for sampling: a fixed label per image, or (EDM ``generate.py``'s rule) a random label per seed
   drawn by that seed's generator right after its noise (:func:`class_labels_for_seeds`; the same seed always
   gets the same label, whatever the batch). EDM draws on the GPU, so its labels are not bit-identical to ours.
 * Noise range: ``sigma_min, sigma_max = max(0.002, net.sigma_min), min(80, net.sigma_max)``, the range the
-  ICCV code sets for these nets (spec 3.2) clamped to the network's own as EDM's sampler does (spec 9.16); for
-  the released VP/ADM nets (VP range 0.001..152, EDMPrecond 0..inf) this is exactly 0.002..80. It only feeds
-  :meth:`EDMBackend.default_schedule` (EDM's polynomial rho = 7 grid); tables run on their recorded grids and
-  the denoiser never clamps sigma.
+  ICCV code sets for these nets (docs/authors-code.md §3.2) clamped to the network's own as EDM's sampler does
+  (docs/authors-code.md §9.16); for the released VP/ADM nets (VP range 0.001..152, EDMPrecond 0..inf) this is exactly
+  0.002..80. It only feeds :meth:`EDMBackend.default_schedule` (EDM's polynomial rho = 7 grid); tables run on their
+  recorded grids and the denoiser never clamps sigma.
 * Precision: the ODE state and ``D`` are float32; ``use_fp16`` runs the network body in float16 on CUDA only.
 
 Networks load from a local file only (:func:`load_edm_backend`): NVIDIA's ``.pkl`` through the code-free reader
@@ -48,7 +48,8 @@ WEIGHTS_DIR = Path("weights") / "edm"
 
 @dataclass(frozen=True)
 class EDMDataset:
-    """The released network the ICCV runs used for a data set (spec 5.2), and how to find it locally."""
+    """The released network the ICCV runs used for a data set, and how to find it locally
+    (docs/authors-code.md §5.2)."""
 
     checkpoint: str        # NVIDIA's file name
     env: str               # environment variable holding a local path

@@ -7,11 +7,11 @@ NVIDIA's files (``edm-cifar10-32x32-uncond-vp.pkl``, ...) are ``pickle.dump`` of
 (``module_src``), its ``class_name`` and its ``state`` (the ``nn.Module.__dict__``: ``_parameters``,
 ``_buffers``, ``_modules``, ``_init_args``/``_init_kwargs``, ...). Loading them normally executes that source.
 
-This reader never imports or executes anything a pickle names (spec 2.4-2.5; the unpickler of
-:mod:`solvers.official` with a wider whitelist): persistent objects become inert
-:class:`~solvers.official.PersistentRecord`s, tensors numpy arrays, ``torch.nn`` containers and activations
+This reader never imports or executes anything a pickle names (docs/authors-code.md §2.4-2.5; the unpickler of
+:mod:`safeio.unpickle` with a wider whitelist): persistent objects become inert
+:class:`~safeio.PersistentRecord`s, tensors numpy arrays, ``torch.nn`` containers and activations
 inert stubs, numpy scalars plain numbers; any other global is refused with
-:class:`~solvers.official.UnsafePickleError` before it is called. The network is then rebuilt from the top-level
+:class:`~safeio.UnsafePickleError` before it is called. The network is then rebuilt from the top-level
 record's ``class_name`` and ``init_kwargs`` with our classes (:mod:`backends.edm_networks`), its parameters and
 buffers collected by walking the nested ``_modules`` records, and loaded strictly.
 
@@ -24,7 +24,6 @@ load without any pickle::
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -36,13 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from solvers.official import (BASE_GLOBALS, InertStub, PersistentRecord, UnsafePickleError, inert_class,
+from safeio.unpickle import (BASE_GLOBALS, InertStub, PersistentRecord, UnsafePickleError, inert_class,
                               restricted_load)
 
 from .edm_networks import PRECOND_CLASSES, build_precond
 
 __all__ = ["CheckpointError", "EDMCheckpoint", "read_edm_pickle", "network_from_checkpoint", "save_edm", "load_edm",
-           "FORMAT", "main"]
+           "FORMAT"]
 
 FORMAT = "epd-solver/edm-network"
 
@@ -248,7 +247,7 @@ def save_edm(net: torch.nn.Module, path: str | Path, source: dict | None = None)
     class and constructor keywords (``net.init_kwargs``), ``source`` its provenance. Written atomically."""
     from safetensors.torch import save
 
-    from solvers.table import atomic_write
+    from safeio import atomic_write
 
     class_name = type(net).__name__
     if class_name not in PRECOND_CLASSES or not hasattr(net, "init_kwargs"):
@@ -304,38 +303,7 @@ def load_edm(path: str | Path, key: str = "ema") -> tuple[torch.nn.Module, dict]
     return network_from_checkpoint(checkpoint), checkpoint.config()
 
 
-# --- CLI --------------------------------------------------------------------------------------------------------
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m backends.edm_checkpoint",
-                                     description="Read NVIDIA EDM network pickles without executing them.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    convert = sub.add_parser("convert", help="rewrite an EDM .pkl as a pickle-free .safetensors file")
-    convert.add_argument("source", type=Path)
-    convert.add_argument("target", type=Path)
-    convert.add_argument("--key", default="ema", help="entry of the snapshot dict holding the network (ema)")
-    show = sub.add_parser("show", help="print a network file's class, constructor keywords and tensor count")
-    show.add_argument("path", type=Path)
-    show.add_argument("--key", default="ema")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "convert":
-            if args.target.suffix != ".safetensors":
-                raise CheckpointError(f"the target must end in .safetensors (got {args.target})")
-            net, config = load_edm(args.source, args.key)
-            save_edm(net, args.target, source=config.get("source"))
-            count = sum(p.numel() for p in net.parameters())
-            print(f"wrote {args.target}: {config['class_name']} ({net.model_type}), {count} parameters, "
-                  f"from {args.source}")
-            return 0
-        net, config = load_edm(args.path, args.key)
-        info = {**config, "parameters": sum(p.numel() for p in net.parameters()),
-                "tensors": len(net.state_dict()), "sigma_min": net.sigma_min, "sigma_max": net.sigma_max}
-        print(json.dumps(info, indent=1, default=str))
-        return 0
-    except (CheckpointError, UnsafePickleError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+if __name__ == "__main__":     # ``python -m backends.edm_checkpoint``: the CLI lives in tools/edm_cli.py
+    from tools.edm_cli import main
 
-
-if __name__ == "__main__":
     sys.exit(main())

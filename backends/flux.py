@@ -1,4 +1,5 @@
-"""FLUX.1-dev and FLUX.1-schnell (``flux``, 1024 px) as a denoiser: a rectified-flow transformer (spec 5.4).
+"""FLUX.1-dev and FLUX.1-schnell (``flux``, 1024 px) as a denoiser: a rectified-flow transformer
+(docs/authors-code.md §5.4).
 
 The ODE state is the ordinary latent ``[B, 16, H/8, W/8]``; around each call it is packed into 2x2 patches,
 ``[B, (H/16)(W/16), 64]`` with channel order (c, dy, dx) and row-major patch order, and unpacked again:
@@ -131,7 +132,7 @@ class FluxBackend(FlowMatchingBackend):
 def load_flux(model_path: str | None = None, *, default_model_path: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = "auto",
               offload: str = "none", **backend_kwargs: Any) -> FluxBackend:
     """FLUX.1-dev or -schnell from a local diffusers folder; ``model_path`` defaults to ``$FLUX_MODEL_PATH``
-    (spec 5.4). Which one it is comes from the folder's transformer and scheduler configs."""
+    (docs/authors-code.md §5.4). Which one it is comes from the folder's transformer and scheduler configs."""
     from diffusers import FluxPipeline
 
     place = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

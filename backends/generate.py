@@ -16,6 +16,7 @@ import torch
 
 from solvers.core import EvalCount, seeded_noise
 from solvers.epd import sample_epd
+from solvers.plan import StepPlan
 from solvers.registry import eval_count, get_solver
 
 from .base import Backend
@@ -37,7 +38,7 @@ class Sampler:
     @classmethod
     def from_table(cls, table: Any, shard: Any = None) -> "Sampler":
         """EPD with the table's own grid and flags (``shard`` splits its K points across processes)."""
-        label = "epd" if getattr(table, "solver", "epd") == "epd" else "epd_plugin"
+        label = "epd_plugin" if StepPlan.from_table(table).plugin_order else "epd"
         return cls(label, _grid(table.sigmas), table=table, afs=bool(table.afs), shard=shard)
 
     @classmethod

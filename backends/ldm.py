@@ -1,4 +1,5 @@
-"""Stable Diffusion 1.x/2.x (``ldm``) as a denoiser: a discrete-time VP UNet in VE coordinates (spec 5.1).
+"""Stable Diffusion 1.x/2.x (``ldm``) as a denoiser: a discrete-time VP UNet in VE coordinates
+(docs/authors-code.md §5.1).
 
     x_VE = x_VP / alpha,   sigma = sqrt(1 - alpha^2) / alpha,   c_in = alpha = 1 / sqrt(1 + sigma^2)
     out = unet(c_in x, t(sigma))
@@ -38,9 +39,10 @@ REPO = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 def alphas_cumprod_from_config(config: Any) -> np.ndarray:
-    """``alphas_cumprod`` from a diffusers scheduler config, computed in float64 and stored as float32 as the
-    LDM code keeps its buffer (spec 5.1); ``linear`` and ``scaled_linear`` beta schedules (or ``trained_betas``).
-    ``rescale_betas_zero_snr`` is refused: it sets alphabar_M = 0, a terminal sigma no VE grid can start from."""
+    """``alphas_cumprod`` from a diffusers scheduler config, computed in float64 and stored as float32 as the LDM code
+    keeps its buffer (docs/authors-code.md §5.1); ``linear`` and ``scaled_linear`` beta schedules (or
+    ``trained_betas``). ``rescale_betas_zero_snr`` is refused: it sets alphabar_M = 0, a terminal sigma no VE grid can
+    start from."""
     n = int(config.get("num_train_timesteps", 1000))
     if config.get("rescale_betas_zero_snr", False):
         raise ValueError("rescale_betas_zero_snr=True (zero terminal SNR, alphabar_M = 0) is not supported by the "
@@ -92,7 +94,8 @@ class StableDiffusionBackend(DiffusersBackend):
         return int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
 
     def default_schedule(self, num_steps: int, variant: str = "correct") -> ScheduleSpec:
-        """The authors' SD1.5 grid: uniform in discrete model time from sigma(1) to sigma(1e-3) (spec 3.1)."""
+        """The authors' SD1.5 grid: uniform in discrete model time from sigma(1) to sigma(1e-3)
+        (docs/authors-code.md §3.1)."""
         return ScheduleSpec(kind="discrete", num_steps=num_steps, sigma_min=None, sigma_max=None, rho=1.0,
                             variant=variant)
 

@@ -177,7 +177,7 @@ def options_from_table(name: str, backend_config: dict | None, guidance: float |
     translated here: ``model_name_or_path``/``model_id`` become the *default* model path (the user's
     --model_path and the $*_MODEL_PATH variables come first), ``torch_dtype`` becomes ``dtype``,
     ``enable_model_cpu_offload`` becomes ``offload``; grid keys are dropped. The SD1.5 tables' resolution of
-    1024 is a known error of the release (spec 9.21) and is ignored.
+    1024 is a known error of the release (docs/authors-code.md §9.21) and is ignored.
     """
     name = canonical_backend(name)
     options: dict = {}

@@ -1,5 +1,5 @@
 """Stable Diffusion 3 and 3.5 (``sd3``: SD3-Medium at 512 or 1024 px, SD3.5-Medium, SD3.5-Large) as a
-denoiser: a rectified-flow MMDiT transformer (spec 5.3).
+denoiser: a rectified-flow MMDiT transformer (docs/authors-code.md §5.3).
 
     x_sigma = (1 - sigma) x0 + sigma eps,   v = transformer(x, 1000 sigma, text, pooled)
     D(x, sigma) = x - sigma v               so (x - D) / sigma = v, the EPD/baseline direction
@@ -19,7 +19,7 @@ sd3.5-large     38      38     rms      none            192              8.1B (8
 ==============  ======  =====  =======  ==============  ===============  ==========================
 
 ("stored": parameters plus the fixed sin-cos position-embedding buffer, what the checkpoint holds;
-:mod:`backends.random_variants` checks these on the meta device.)
+:mod:`backends.testing.random_variants` checks these on the meta device.)
 
 None of this changes the call (the transformer takes the same inputs), so one backend serves all three. What
 does: the default resolution (``sample_size * 8`` = 1024 px for all three), the largest resolution the
@@ -71,7 +71,7 @@ class FlowMatchingBackend(DiffusersBackend):
 
     def flow_shift(self) -> tuple[float | None, float | None]:
         """``(shift, mu)``: the scheduler's static shift, or under dynamic shifting the mu of this resolution,
-        linear in the packed sequence length ``(latent / 2)^2`` (FLUX: 1.15 at 1024 px, spec 3.2)."""
+        linear in the packed sequence length ``(latent / 2)^2`` (FLUX: 1.15 at 1024 px, docs/authors-code.md §3.2)."""
         config = self._scheduler_config()
         if not config.get("use_dynamic_shifting", False):
             return float(config.get("shift", 1.0)), None
@@ -87,8 +87,9 @@ class FlowMatchingBackend(DiffusersBackend):
         return float(flowmatch_sigmas(2, shift, mu, num_train_timesteps=n)[-1])
 
     def default_schedule(self, num_steps: int, variant: str = "correct") -> ScheduleSpec:
-        """Flow-matching grid (spec 3.1): ``correct`` is uniform in unshifted time and shifted once;
-        ``official`` is the authors' twice-shifted diffusers grid without the terminal zero (spec 9.9)."""
+        """Flow-matching grid (docs/authors-code.md §3.1): ``correct`` is uniform in unshifted time and shifted once;
+        ``official`` is the authors' twice-shifted diffusers grid without the terminal zero
+        (docs/authors-code.md §9.9)."""
         shift, mu = self.flow_shift()
         return ScheduleSpec(kind="flowmatch", num_steps=num_steps, sigma_min=None, sigma_max=1.0, rho=1.0,
                             variant=variant, shift=None if mu is not None else shift, mu=mu)

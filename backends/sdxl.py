@@ -192,7 +192,7 @@ class SDXLBackend(DiffusersBackend):
         return int(self.pipe.unet.config.sample_size) * self.vae_scale_factor
 
     def default_schedule(self, num_steps: int, variant: str = "correct") -> ScheduleSpec:
-        """Uniform in discrete model time from sigma(1) to sigma(1e-3), as for SD1.5 (spec 3.1)."""
+        """Uniform in discrete model time from sigma(1) to sigma(1e-3), as for SD1.5 (docs/authors-code.md §3.1)."""
         return ScheduleSpec(kind="discrete", num_steps=num_steps, sigma_min=None, sigma_max=None, rho=1.0,
                             variant=variant)
 

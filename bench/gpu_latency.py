@@ -1,7 +1,7 @@
 """GPU latency and memory of EPD against DPM-Solver++(2M), Euler and diffusers' own pipeline, eager and
 compiled the way diffusers' documentation recommends (issues 7 and 14).
 
-Models are the real architectures with random weights (built offline by :mod:`backends.random_init`, fp16 for
+Models are the real architectures with random weights (built offline by :mod:`backends.testing.random_init`, fp16 for
 SD1.5/SD3, bf16 for FLUX and SDXL: diffusers' speed guide runs SDXL in bf16, which also keeps SDXL's VAE out of
 its fp16 overflow), wrapped by our backends. Every method is timed end to end for one image: prompt
 encoding, sampling and VAE decoding, as diffusers' pipeline does with ``output_type="pt"``.
@@ -50,7 +50,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backends import backend_from_pipeline  # noqa: E402
 from backends.compile import use_compile_cache  # noqa: E402
 from backends.cuda_graphs import GraphedSampler  # noqa: E402
-from backends.random_init import TINY_RESOLUTION, build_pipeline  # noqa: E402
+from backends.distributed import barrier, join_process_group, leave_process_group, rank_device  # noqa: E402
+from backends.testing.random_init import TINY_RESOLUTION, build_pipeline  # noqa: E402
+from safeio import atomic_text  # noqa: E402
 from solvers.core import seeded_noise  # noqa: E402
 from solvers.epd import sample_epd  # noqa: E402
 from solvers.parallel import DistributedPoints  # noqa: E402
@@ -71,29 +73,6 @@ PROMPT = "a lighthouse on a rocky cliff during a thunderstorm, oil painting"
 
 
 # -- distributed ------------------------------------------------------------------------------------------
-def _init() -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1:
-        import torch.distributed as dist
-
-        local = int(os.environ.get("LOCAL_RANK", rank))
-        if not torch.cuda.is_available():      # CPU dry run of the sharded path
-            dist.init_process_group("gloo")
-            return rank, world, torch.device("cpu")
-        torch.cuda.set_device(local)
-        dist.init_process_group("nccl", device_id=torch.device("cuda", local))
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def _broadcast_weights(pipe: Any) -> None:
     """Rank 0's weights everywhere (the random builds are seeded alike; this makes equality certain)."""
     import torch.distributed as dist
@@ -334,11 +313,11 @@ def bench_model(name: str, size: str, device: torch.device, rank: int, world: in
             for label, fn in single.items():
                 if rank == 0:
                     record(label, fn, round_index == 0)
-                _barrier(world)
+                barrier()
             for label, fn in everyone.items():
-                _barrier(world)                         # all ranks start together
+                barrier()                         # all ranks start together
                 record(label, fn, round_index == 0)
-                _barrier(world)
+                barrier()
             if rank == 0:
                 print(f"{name} round {round_index}: " + ", ".join(
                     f"{k} {v[-1] * 1e3:.0f} ms" if v else f"{k} first {first_s.get(k, float('nan')):.1f} s"
@@ -504,9 +483,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats must be >= 1")
     methods = {m.strip() for m in args.methods.split(",")} if args.methods else None
     cache = use_compile_cache(args.compile_cache or tempfile.mkdtemp(prefix="epd-compile-"))
-    rank, world, device = _init()
-    if args.device:
-        device = torch.device(args.device)
+    rank, world, device = join_process_group()
+    device = torch.device(args.device) if args.device else device or rank_device("auto")
     if args.first_image:
         print(json.dumps(first_image(args.first_image, device)), flush=True)
         return 0
@@ -539,16 +517,10 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             print(json.dumps(result), flush=True)
             if args.json:
-                args.json.parent.mkdir(parents=True, exist_ok=True)
-                tmp = args.json.with_suffix(".tmp")
-                tmp.write_text(json.dumps({**info, "results": results}, indent=1))
-                os.replace(tmp, args.json)
+                atomic_text(args.json, json.dumps({**info, "results": results}, indent=1))
     if rank == 0:
         print(summary(results), flush=True)
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    leave_process_group()
     return 0
 
 

@@ -3,11 +3,11 @@
     python scripts/distill_smoke_sd15.py --json smoke.json            # GPU: 512x512 (64x64 latents), fp16 UNet
     python scripts/distill_smoke_sd15.py --tiny --device cpu          # a few-second CPU check of the same path
 
-The SD1.5 backend proper arrives with the backbone work; until then this wraps a diffusers
-``UNet2DConditionModel`` built from the SD1.5 architecture config as a denoiser, exactly as spec 5.1 describes
-(``c_in = 1/sqrt(1+sigma^2)``, fractional timestep from the discrete VP map, eps -> x0, CFG in one batched call),
-and runs a few distillation iterations of several settings through the real trainer, reporting seconds per
-iteration and peak GPU memory. Prompts are stand-ins: each maps to a fixed random text embedding.
+The SD1.5 backend proper arrives with the backbone work; until then this wraps a diffusers ``UNet2DConditionModel``
+built from the SD1.5 architecture config as a denoiser, exactly as docs/authors-code.md §5.1 describes (``c_in =
+1/sqrt(1+sigma^2)``, fractional timestep from the discrete VP map, eps -> x0, CFG in one batched call), and runs a few
+distillation iterations of several settings through the real trainer, reporting seconds per iteration and peak GPU
+memory. Prompts are stand-ins: each maps to a fixed random text embedding.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends import load_backend  # noqa: E402
-from backends.random_init import TINY_RESOLUTION, build_pipeline  # noqa: E402
+from backends.testing.random_init import TINY_RESOLUTION, build_pipeline  # noqa: E402
 from solvers.core import EvalCounter, seeded_noise  # noqa: E402
 from solvers.epd import sample_epd  # noqa: E402
 from solvers.registry import get_solver  # noqa: E402

@@ -8,7 +8,7 @@ models=${MODELS_DIR:-/tmp/epd-models}; size=${SIZE:-full}; device=${DEVICE:-cuda
 dtype=float16; extra=()
 if [ "$device" = cpu ]; then dtype=float32; extra+=(--override run.device=cpu); fi
 if [ "$size" = tiny ]; then extra+=(--override model.resolution=32); fi
-$python -m backends.random_init --model sd15 --size "$size" --out "$models/sd15" --dtype "$dtype" --device "$device"
+$python -m backends.testing.random_init --model sd15 --size "$size" --out "$models/sd15" --dtype "$dtype" --device "$device"
 $python - "$out/sd15-uniform-start.pkl" <<'PY'
 import sys
 from solvers.schedules import discrete_sigmas

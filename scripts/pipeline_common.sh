@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Helpers shared by launch.sh (the authors' scripts/pipeline_common.sh, spec 8.4, for this code base).
+# Helpers shared by launch.sh (the authors' scripts/pipeline_common.sh, docs/authors-code.md §8.4, for this code base).
 # Source it from the repository root:  source scripts/pipeline_common.sh
 #
 #   latest_run_dir NAME [EXPS]            newest RDPO run folder EXPS/NNNNN-NAME (default EXPS: $EXPS_DIR or exps)
@@ -7,7 +7,7 @@
 #   score_all_metrics NAME [PROMPTS]      score_all_metrics_dir samples/NAME PROMPTS NAME
 #   score_all_metrics_dir DIR PROMPTS PREFIX [RESULTS]
 #       runs every metric (clip hps aesthetic pick imagereward mps) whose weights are present (the manifest,
-#       training/rewards/weights.py; one "skip" message for each other metric), writes RESULTS/PREFIX_<metric>.json
+#       training/rewards/pretrained.py; one "skip" message for each other metric), writes RESULTS/PREFIX_<metric>.json
 #       and one summary RESULTS/PREFIX-summary.{json,md} (metric -> mean / std / count). With FID_REF set (an .npz
 #       with mu and sigma, or a folder) it adds FID (and KID when FID_KID=1). PROMPTS may be empty: the images'
 #       JSON sidecars carry their prompts.
@@ -67,7 +67,7 @@ present_metrics() {
   local heads=() m h present
   for m in "${PIPELINE_METRICS[@]}"; do heads+=("$(metric_head "$m")"); done
   # Run by path (standard library only): no torch import just to look at files.
-  present=$("$PYTHON" "$PIPELINE_ROOT/training/rewards/weights.py" present --root "$WEIGHTS_DIR" "${heads[@]}")
+  present=$("$PYTHON" "$PIPELINE_ROOT/training/rewards/pretrained.py" present --root "$WEIGHTS_DIR" "${heads[@]}")
   for m in "${PIPELINE_METRICS[@]}"; do
     h=$(metric_head "$m")
     if grep -qx -- "$h" <<<"$present"; then echo "$m"; fi

@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 from backends import load_backend  # noqa: E402
 from backends.generate import Sampler, generate  # noqa: E402
 from solvers.schedules import polynomial_sigmas  # noqa: E402
-from solvers.table import atomic_write, load_table, save_table  # noqa: E402
+from safeio import atomic_write  # noqa: E402
+from solvers.table import load_table, save_table  # noqa: E402
 from training.ppo import load_config, train  # noqa: E402
 from training.ppo.plot import plot_curves  # noqa: E402
 from training.rewards import reward_from_config  # noqa: E402
@@ -43,7 +44,8 @@ from training.rewards.digits import nearest_training_distance  # noqa: E402
 CONFIG = ROOT / "training" / "ppo" / "cfgs" / "digits.yaml"
 EVAL_SEEDS = list(range(100_000, 101_000))        # fresh: not training (>= 2^31) nor monitoring (0-499) seeds
 GROUPS = {"prompts 0-7 (trained)": [str(d) for d in range(8)], "prompts 8-9 (unseen)": ["8", "9"]}
-# (label, run-name tag, overrides): the two RLOO baselines, and KL anchoring to the start policy (spec 9.44)
+# (label, run-name tag, overrides): the two RLOO baselines, and KL anchoring to the start policy
+# (docs/authors-code.md §9.44)
 VARIANTS = (("per-prompt RLOO", "prompt", ["ppo.legacy_mixed_baseline=false"]),
             ("legacy mixed RLOO", "legacy", ["ppo.legacy_mixed_baseline=true"]),
             ("per-prompt RLOO + KL 1.0", "kl1", ["ppo.legacy_mixed_baseline=false", "ppo.kl_coef=1.0"]))

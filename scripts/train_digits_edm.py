@@ -46,8 +46,9 @@ from backends.edm_checkpoint import save_edm  # noqa: E402
 from backends.edm_networks import DDPMPrecond, EDMPrecond  # noqa: E402
 from backends.generate import Sampler, generate  # noqa: E402
 from solvers.schedules import polynomial_sigmas  # noqa: E402
-from solvers.table import atomic_write  # noqa: E402
-from training.runs import atomic_text, atomic_torch_save, truncate_log  # noqa: E402
+from backends.images import image_grid, png_bytes, to_uint8  # noqa: E402
+from safeio import atomic_text, atomic_torch_save, atomic_write  # noqa: E402
+from training.runs import truncate_log  # noqa: E402
 
 P_MEAN, P_STD, SIGMA_DATA = -1.2, 1.2, 0.5
 SAMPLE_SOLVER, SAMPLE_STEPS = "heun", 32        # samples.png and the card's statistics: EDM's Heun, 63 evaluations
@@ -243,21 +244,7 @@ def sample_images(backend, labels: torch.Tensor, seeds: list[int], steps: int = 
 
 
 def save_grid(images: torch.Tensor, rows: int, path: Path, upscale: int = 4, pad: int = 2) -> None:
-    import io
-
-    from PIL import Image
-
-    arr = ((images[:, 0].numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
-    cols = math.ceil(len(arr) / rows)
-    h, w = arr.shape[1:]
-    grid = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=np.uint8)
-    for i, img in enumerate(arr):
-        r, c = divmod(i, cols)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
-    image = Image.fromarray(grid).resize((grid.shape[1] * upscale, grid.shape[0] * upscale), Image.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write(path, buffer.getvalue())
+    atomic_write(path, png_bytes(image_grid(to_uint8(images), pad=pad, rows=rows), upscale))
 
 
 def nearest_distance(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
@@ -270,7 +257,7 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
 def card_statistics(network_path: Path, device: torch.device, samples: int, out: Path,
                     steps: int = SAMPLE_STEPS, kind: str = "edm") -> dict:
     """samples.png (rows: digits 0-9 and unconditional) and sample statistics of the saved network."""
-    from solvers.bench import frechet_distance
+    from solvers.frechet import sample_frechet_distance as frechet_distance
 
     backend = LOADERS[kind](network_path, device=device, dtype="float32")
     split = digits_split(int(backend.shape[-1]))

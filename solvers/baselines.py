@@ -1,4 +1,4 @@
-"""Baseline ODE solvers over the denoiser interface (spec 4), in k-diffusion's shape:
+"""Baseline ODE solvers over the denoiser interface (docs/authors-code.md §4), in k-diffusion's shape:
 ``sample_x(denoiser, x, sigmas, cond=None, *, afs=False, flow=False, callback=None, disable=True) -> x``.
 
 ``sigmas`` is the full grid (it may end in 0); ``x`` the initial state ``noise * sigmas[0]``. All solvers
@@ -6,7 +6,7 @@ use ``d = (x - D)/sigma``, the ODE direction in VE coordinates and, for flow-mat
 ``x = (1 - sigma) x0 + sigma eps``, the velocity. The exponential integrators (DPM-Solver++, UniPC) are the VP
 updates with ``alpha = 1`` (VE) or ``alpha = 1 - sigma`` (``flow=True``, as diffusers' flow-sigma schedulers),
 ``lambda = log(alpha / sigma)``. ``afs=True`` replaces the first denoiser evaluation by the analytic estimate
-(spec 1.3), saving one evaluation.
+(docs/authors-code.md §1.3), saving one evaluation.
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = No
 def sample_dpm2(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = None, *, r: float = 0.5,
                 afs: bool = False, flow: bool = False, callback: Callback | None = None,
                 disable: bool = True) -> torch.Tensor:
-    """DPM-Solver-2 (noise-prediction form, spec 4 ``dpm2``): ``m = t_n^r t_c^{1-r}``, ``x_m = x + (m - t_c) d``,
-    ``x <- x + (t_n - t_c) [d(x_m, m)/(2r) + (1 - 1/(2r)) d]``; with r = 1/2 the geometric midpoint, as in
+    """DPM-Solver-2 (noise-prediction form, docs/authors-code.md §4 ``dpm2``): ``m = t_n^r t_c^{1-r}``, ``x_m = x + (m -
+    t_c) d``, ``x <- x + (t_n - t_c) [d(x_m, m)/(2r) + (1 - 1/(2r)) d]``; with r = 1/2 the geometric midpoint, as in
     k-diffusion's ``sample_dpm_2``. A step to sigma = 0 is Euler. 2 evaluations per step."""
     sigmas, levels = _grid(sigmas, x)
     evaluate = _Evaluator(denoiser, cond, afs, flow)
@@ -117,8 +117,8 @@ def sample_dpm2(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = No
 def sample_ipndm(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = None, *, max_order: int = 4,
                  afs: bool = False, flow: bool = False, callback: Callback | None = None,
                  disable: bool = True) -> torch.Tensor:
-    """Improved PNDM (spec 4): ``x <- x + (t_n - t_c) AB_p(d_c, history)`` with the fixed equal-step Adams-
-    Bashforth coefficients of order ``p = min(max_order, steps so far + 1)``. 1 evaluation per step."""
+    """Improved PNDM (docs/authors-code.md §4): ``x <- x + (t_n - t_c) AB_p(d_c, history)`` with the fixed equal-step
+    Adams- Bashforth coefficients of order ``p = min(max_order, steps so far + 1)``. 1 evaluation per step."""
     sigmas, levels = _grid(sigmas, x)
     evaluate = _Evaluator(denoiser, cond, afs, flow)
     history: list[torch.Tensor] = []

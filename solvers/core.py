@@ -41,11 +41,11 @@ class Denoiser(Protocol):
 def repeat_condition(cond: Any, repeats: int) -> Any:
     """Repeat a per-sample condition ``repeats`` times per sample, in ``b * repeats + k`` order.
 
-    This is the order of ``x_mid.flatten(0, 1)`` in the parallel EPD call (spec 1.1). Tensors are repeated
-    along dim 0 (class labels too: spec 9.1-9.2 are the authors' bugs of forgetting some); objects that
-    define ``repeat_interleave(repeats)`` (backend condition dataclasses) do it themselves; mappings,
-    dataclasses and lists/tuples are handled element-wise, where a list/tuple of non-tensors (prompts)
-    counts as per-sample. Scalars and ``None`` pass through unchanged.
+    This is the order of ``x_mid.flatten(0, 1)`` in the parallel EPD call (docs/authors-code.md §1.1). Tensors are
+    repeated along dim 0 (class labels too: docs/authors-code.md §9.1-9.2 are the authors' bugs of forgetting some);
+    objects that define ``repeat_interleave(repeats)`` (backend condition dataclasses) do it themselves; mappings,
+    dataclasses and lists/tuples are handled element-wise, where a list/tuple of non-tensors (prompts) counts as
+    per-sample. Scalars and ``None`` pass through unchanged.
     """
     if repeats == 1 or cond is None:
         return cond
@@ -122,12 +122,12 @@ def direction(x: torch.Tensor, denoised: torch.Tensor, sigma: torch.Tensor) -> t
 
 
 def analytic_denoised(x: torch.Tensor, sigma: torch.Tensor | float, flow: bool = False) -> torch.Tensor:
-    """The analytical first step (AFS, spec 1.3) written as a denoiser output, so every solver can use it.
+    """The analytical first step (AFS, docs/authors-code.md §1.3) as a denoiser output, so every solver can use it.
 
-    VE/EDM states: the authors' direction ``d = x / sqrt(1 + sigma^2)``, i.e. ``D = x - sigma d``.
-    Flow-matching states: at high noise the best estimate of the data is its mean (zero), so ``D = 0`` and
-    ``d = v = x / sigma``. (The authors apply the VE formula to flow models too, spec 9.3; no released table
-    uses AFS with flow matching, so no compatibility switch is kept.)
+    VE/EDM states: the authors' direction ``d = x / sqrt(1 + sigma^2)``, i.e. ``D = x - sigma d``. Flow-matching states:
+    at high noise the best estimate of the data is its mean (zero), so ``D = 0`` and ``d = v = x / sigma``. (The authors
+    apply the VE formula to flow models too, docs/authors-code.md §9.3; no released table uses AFS with flow matching,
+    so no compatibility switch is kept.)
     """
     if flow:
         return torch.zeros_like(x)
@@ -142,7 +142,7 @@ class EvalCount:
     ``sequential``: denoiser calls one after another (latency); the papers' "(parallel) NFE".
     ``total``: evaluations of the network per image (compute); the K parallel points count K times.
     With classifier-free guidance every evaluation is a batch of two inside the backend; ``cfg_doubled``
-    gives the authors' doubled figure (spec 1.2), which we never print by default.
+    gives the authors' doubled figure (docs/authors-code.md §1.2), which we never print by default.
     """
 
     sequential: int

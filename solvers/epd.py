@@ -1,4 +1,4 @@
-"""The EPD step and sampler (spec 1.1), and the EPD-Plugin on iPNDM (spec 4).
+"""The EPD step and sampler (docs/authors-code.md §1.1), and the EPD-Plugin on iPNDM (docs/authors-code.md §4).
 
 One EPD step from ``t_c`` to ``t_n`` with K learned points (paper eq. for the parallel direction):
 
@@ -8,12 +8,12 @@ One EPD step from ``t_c`` to ``t_n`` with K learned points (paper eq. for the pa
     x'    = x + (t_n - t_c) sum_k w_k c_k d_k              w on the simplex, c/a direction/time scales
 
 The same code serves VE/EDM/VP and flow-matching backends: for flow ``D = x - sigma v`` so ``d`` is the
-velocity (times a_k when a time scale is used, as in the authors' code, spec 9.4).
+velocity (times a_k when a time scale is used, as in the authors' code, docs/authors-code.md §9.4).
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -21,32 +21,15 @@ from tqdm.auto import trange
 
 from .core import Callback, Denoiser, analytic_denoised, as_tensor, direction, repeat_condition, sigma_batch
 from .parallel import PointShard
+from .plan import Step, StepPlan, TableRows
 
-__all__ = ["TableLike", "epd_step", "epd_sampler_step", "adams_bashforth", "sample_epd"]
-
-
-class TableLike(Protocol):
-    """What :func:`sample_epd` reads from a predictor table (``solvers.table.PredictorTable`` fits).
-
-    Row arrays have shape ``[N-1, K]`` (one table for every image) or ``[N-1, B, K]`` (one per image,
-    as RDPO rollouts use); scales are ``None`` when disabled.
-    """
-
-    positions: Any
-    weights: Any
-    dir_scales: Any
-    time_scales: Any
-    sigmas: Any
-    solver: str
-    afs: bool
-    fcn: bool
-    max_order: int | None
+__all__ = ["epd_step", "epd_sampler_step", "adams_bashforth", "sample_epd"]
 
 
 _ZERO_END = ("an EPD step needs sigma_next > 0 (geometric interpolation to 0 is undefined); end the grid at "
              "sigma_min and use denoise_to_zero instead")
 
-# Adams-Bashforth coefficients for equal steps, newest direction first (iPNDM, spec 4).
+# Adams-Bashforth coefficients for equal steps, newest direction first (iPNDM, docs/authors-code.md §4).
 _AB = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 
 
@@ -70,10 +53,10 @@ def _row(values: Any, like: torch.Tensor, batch: int, num_points: int) -> torch.
 
 
 def epd_step(denoiser: Denoiser, x: torch.Tensor, sigma_cur: float | torch.Tensor, sigma_next: float | torch.Tensor,
-             positions: Any, weights: Any, cond: Any = None, *, d_cur: torch.Tensor,
-             dir_scales: Any = None, time_scales: Any = None, peek_direction: torch.Tensor | None = None,
+             rows: TableRows, cond: Any = None, *, d_cur: torch.Tensor, peek_direction: torch.Tensor | None = None,
              parallel: bool = True, cond_repeated: Any = None, shard: PointShard | None = None) -> torch.Tensor:
-    """One EPD step (spec 1.1). ``positions``/``weights``/scales: ``[K]`` or per-sample ``[B, K]``.
+    """One EPD step (docs/authors-code.md §1.1). ``rows``: this step's positions/weights/scales, ``[K]`` or
+    per-sample ``[B, K]``.
 
     ``d_cur`` is the direction at ``(x, sigma_cur)``; ``peek_direction`` (default ``d_cur``) is the one used
     to reach the intermediate points (the iPNDM plugin passes its Adams-Bashforth extrapolation).
@@ -87,12 +70,12 @@ def epd_step(denoiser: Denoiser, x: torch.Tensor, sigma_cur: float | torch.Tenso
     if t_n.device.type == "cpu" and not bool(t_n > 0):   # on a GPU this would stall the queue: sample_epd checks
         raise ValueError(_ZERO_END)
     batch = x.shape[0]
-    r = as_tensor(positions, x)
+    r = as_tensor(rows.positions, x)
     num_points = r.shape[-1]
     r = _row(r, x, batch, num_points)
-    w = _row(weights, x, batch, num_points)
-    c = None if dir_scales is None else _row(dir_scales, x, batch, num_points)
-    a = None if time_scales is None else _row(time_scales, x, batch, num_points)
+    w = _row(rows.weights, x, batch, num_points)
+    c = None if rows.dir_scales is None else _row(rows.dir_scales, x, batch, num_points)
+    a = None if rows.time_scales is None else _row(rows.time_scales, x, batch, num_points)
     if shard is not None:
         share = shard.local(num_points)
         num_points = len(range(num_points)[share])
@@ -123,81 +106,69 @@ def epd_step(denoiser: Denoiser, x: torch.Tensor, sigma_cur: float | torch.Tenso
     return x + (t_n - t_c) * combined
 
 
-def epd_sampler_step(denoiser: Denoiser, x: torch.Tensor, sigma_cur: Any, sigma_next: Any, positions: Any,
-                     weights: Any, cond: Any = None, *, dir_scales: Any = None, time_scales: Any = None,
-                     analytic: bool = False, flow: bool = False, history: list[torch.Tensor] | None = None,
-                     max_order: int = 0, parallel: bool = True, cond_repeated: Any = None,
+def epd_sampler_step(denoiser: Denoiser, x: torch.Tensor, step: Step, cond: Any = None, *,
+                     history: list[torch.Tensor] | None = None, flow: bool = False, parallel: bool = True,
+                     cond_repeated: Any = None,
                      shard: PointShard | None = None) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """One step of the EPD sampler, shared by :func:`sample_epd` and the Stage-1 trainer.
+    """One step of a :class:`solvers.plan.StepPlan`, shared by :func:`sample_epd` and both trainers.
 
-    Evaluates the current direction (or the AFS estimate when ``analytic``), extrapolates the peek direction
-    with Adams-Bashforth when ``max_order > 0`` (the iPNDM plugin, with ``history`` its past directions,
-    newest last), and takes :func:`epd_step`. Returns ``(x_next, denoised, history)``; the history is a new
-    list, so callers may keep or drop the old one. Table rows may carry autograd graphs.
+    Evaluates the current direction (or the AFS estimate when ``step.analytic``), extrapolates the peek
+    direction with Adams-Bashforth when ``step.plugin_order > 0`` (the iPNDM plugin, with ``history`` its past
+    directions, newest last), and takes :func:`epd_step`. Returns ``(x_next, denoised, history)``; the history
+    is a new list, so callers may keep or drop the old one. Table rows may carry autograd graphs.
     """
     history = list(history or [])
-    if analytic:
+    sigma_cur, order = step.sigma_cur, step.plugin_order
+    if step.analytic:
         denoised = analytic_denoised(x, sigma_cur, flow)
     else:
         denoised = denoiser(x, sigma_batch(sigma_cur, x), cond)
     d_cur = direction(x, denoised, sigma_cur)
-    peek = adams_bashforth(d_cur, history, max_order) if max_order > 0 else None
-    x_next = epd_step(denoiser, x, sigma_cur, sigma_next, positions, weights, cond, d_cur=d_cur,
-                      dir_scales=dir_scales, time_scales=time_scales, peek_direction=peek, parallel=parallel,
-                      cond_repeated=cond_repeated, shard=shard)
-    if max_order > 1:
-        history = (history + [d_cur])[-(max_order - 1):]
+    peek = adams_bashforth(d_cur, history, order) if order > 0 else None
+    x_next = epd_step(denoiser, x, sigma_cur, step.sigma_next, step.rows, cond, d_cur=d_cur, peek_direction=peek,
+                      parallel=parallel, cond_repeated=cond_repeated, shard=shard)
+    if order > 1:
+        history = (history + [d_cur])[-(order - 1):]
     return x_next, denoised, history
 
 
-def sample_epd(denoiser: Denoiser, x: torch.Tensor, table: TableLike, cond: Any = None, *,
+def sample_epd(denoiser: Denoiser, x: torch.Tensor, table: Any, cond: Any = None, *,
                parallel: bool = True, afs: bool | None = None, flow: bool = False,
                denoise_to_zero: bool = False, callback: Callback | None = None,
                disable: bool = True, shard: PointShard | None = None) -> torch.Tensor:
     """Integrate from ``table.sigmas[0]`` to ``table.sigmas[-1]`` with EPD (or the iPNDM plugin).
 
-    ``x`` is the initial state (``noise * sigmas[0]``; for flow matching sigma_0 = 1, so just the noise).
-    The grid is the table's own: a table is only valid on the grid it was fitted on. ``afs`` defaults to the
-    table's flag; ``flow`` selects the flow-matching AFS estimate. The plugin (``table.solver == "ipndm"``)
-    peeks along the Adams-Bashforth direction of the last ``max_order - 1`` current directions (spec 4).
+    ``table``: a :class:`solvers.table.PredictorTable` or a :class:`solvers.plan.StepPlan` (one table per
+    image: rows ``[N-1, B, K]``). ``x`` is the initial state (``noise * sigmas[0]``; for flow matching
+    sigma_0 = 1, so just the noise). The grid is the table's own: a table is only valid on the grid it was
+    fitted on. ``afs`` defaults to the table's flag; ``flow`` selects the flow-matching AFS estimate. The
+    per-step rules (AFS, ``fcn``, the plugin's order) are the plan's (:mod:`solvers.plan`).
     ``denoise_to_zero`` adds one evaluation ``x <- D(x, sigma_last)``. ``shard`` splits the K points across
     processes (:mod:`solvers.parallel`); every process must pass the same ``x`` and ``cond``.
 
     The table and grid are moved to ``x``'s device once and checked once, so the loop itself never waits for
     the device (no host synchronisation between network calls).
     """
-    raw = table.sigmas
+    plan = StepPlan.from_table(table, afs=afs)
+    raw = plan.sigmas
     grid = np.asarray(raw.detach().cpu() if isinstance(raw, torch.Tensor) else raw, dtype=np.float64)
     num_rows = len(grid) - 1
     if num_rows < 1 or not (grid[1:] > 0).all():
         raise ValueError(_ZERO_END if num_rows >= 1 else "the table's grid needs at least two points")
-    sigmas = as_tensor(table.sigmas, x)
-    positions = as_tensor(table.positions, x)
-    if positions.shape[0] != num_rows:
-        raise ValueError(f"table has {positions.shape[0]} rows but its grid has {num_rows} steps")
-    weights = as_tensor(table.weights, x)
-    dir_scales = None if table.dir_scales is None else as_tensor(table.dir_scales, x)
-    time_scales = None if table.time_scales is None else as_tensor(table.time_scales, x)
-    use_afs = table.afs if afs is None else afs
-    plugin = getattr(table, "solver", "epd") == "ipndm"
-    max_order = int(getattr(table, "max_order", None) or 4) if plugin else 1
-    num_points = positions.shape[-1]
+    plan = plan.like(x)
+    if not callable(plan.rows) and plan.rows.positions.shape[0] != num_rows:
+        raise ValueError(f"table has {plan.rows.positions.shape[0]} rows but its grid has {num_rows} steps")
+    num_points = plan.rows_of(0).num_points
     local = num_points if shard is None else len(range(num_points)[shard.local(num_points)])
     cond_repeated = repeat_condition(cond, local) if parallel and local else None
     history: list[torch.Tensor] = []
 
     for i in trange(num_rows, disable=disable, desc="EPD", leave=False):
-        t_c, t_n = sigmas[i], sigmas[i + 1]
-        step_dir_scales = None if dir_scales is None else dir_scales[i]
-        if table.fcn and i == num_rows - 1:
-            step_dir_scales = None  # "fcn": the final step uses unscaled directions (spec 1.1)
-        x, denoised, history = epd_sampler_step(
-            denoiser, x, t_c, t_n, positions[i], weights[i], cond, dir_scales=step_dir_scales,
-            time_scales=None if time_scales is None else time_scales[i], analytic=use_afs and i == 0, flow=flow,
-            history=history, max_order=max_order if plugin else 0, parallel=parallel, cond_repeated=cond_repeated,
-            shard=shard)
+        step = plan.step(i)
+        x, denoised, history = epd_sampler_step(denoiser, x, step, cond, history=history, flow=flow,
+                                                parallel=parallel, cond_repeated=cond_repeated, shard=shard)
         if callback is not None:
-            callback({"i": i, "x": x, "sigma": t_c, "sigma_next": t_n, "denoised": denoised})
+            callback({"i": i, "x": x, "sigma": step.sigma_cur, "sigma_next": step.sigma_next, "denoised": denoised})
     if denoise_to_zero:
-        x = denoiser(x, sigma_batch(sigmas[-1], x), cond)
+        x = denoiser(x, sigma_batch(plan.sigmas[-1], x), cond)
     return x

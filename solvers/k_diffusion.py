@@ -25,7 +25,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .core import Callback, Denoiser, sigma_batch
-from .epd import TableLike
 from .epd import sample_epd as _native_epd
 from .registry import get_solver
 from .table import load_table
@@ -133,7 +132,7 @@ def _show(grid: np.ndarray) -> str:
     return "[" + ", ".join(f"{value:.6g}" for value in grid) + "]"
 
 
-def epd_grid_steps(table: TableLike, sigmas: Any) -> int:
+def epd_grid_steps(table: Any, sigmas: Any) -> int:
     """Number of EPD steps when ``sigmas`` is asked for, or ValueError if the table cannot run on it.
 
     Accepted: ``None``, the table's grid, or the table's grid with a trailing 0 (equal to relative 1e-6, so a
@@ -154,7 +153,7 @@ def epd_grid_steps(table: TableLike, sigmas: Any) -> int:
 
 def sample_epd(model: KModel, x: torch.Tensor, sigmas: Any, extra_args: Mapping[str, Any] | None = None,
                callback: Callable[[dict], Any] | None = None, disable: bool | None = None, *,
-               table: TableLike | str | os.PathLike, flow: bool = False, parallel: bool = True) -> torch.Tensor:
+               table: Any | str | os.PathLike, flow: bool = False, parallel: bool = True) -> torch.Tensor:
     """EPD (:func:`solvers.epd.sample_epd`) in the k-diffusion convention, on the table's own grid.
 
     ``table``: a :class:`solvers.table.PredictorTable` or a path (:func:`solvers.table.load_table`).

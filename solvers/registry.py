@@ -50,7 +50,7 @@ SOLVERS: dict[str, SolverSpec] = {
     ]
 }
 
-# The authors' names (spec 4 registry and teacher choices) and common synonyms.
+# The authors' names (docs/authors-code.md §4 registry and teacher choices) and common synonyms.
 ALIASES = {"ddim": "euler", "edm": "heun", "dpm": "dpm2", "dpmpp": "dpmpp2m", "dpmpp_2m": "dpmpp2m",
            "dpmpp_3m": "dpmpp3m", "unipc2": "unipc", "ipndm4": "ipndm"}
 

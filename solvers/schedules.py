@@ -1,10 +1,10 @@
-"""Noise-level (sigma) grids, spec section 3.
+"""Noise-level (sigma) grids, docs/authors-code.md §3.
 
 Every function returns a float64 tensor of ``num_steps`` decreasing sigmas
 ``t_0 > t_1 > ... > t_{N-1} > 0`` (``N - 1`` solver steps); ``terminal_zero=True``
 appends a final ``0`` as EDM does, giving ``N`` steps.
 
-Where the authors' code is wrong (spec 9.7-9.9) the default ``variant="correct"``
+Where the authors' code is wrong (docs/authors-code.md §9.7-9.9) the default ``variant="correct"``
 gives the right formula and ``variant="official"`` reproduces theirs bit for bit
 (float32 arithmetic included), so released tables can be run on the grid they
 were fitted on.
@@ -77,12 +77,13 @@ def logsnr_sigmas(num_steps: int, sigma_min: float, sigma_max: float, terminal_z
 def time_uniform_sigmas(num_steps: int, sigma_min: float, sigma_max: float, rho: float = 1.0,
                         variant: Variant = "correct", terminal_zero: bool = False,
                         eps: float = 1e-3) -> torch.Tensor:
-    """Uniform in VP time (DPM-Solver style), spec 3.1.
+    """Uniform in VP time (DPM-Solver style), docs/authors-code.md §3.1.
 
     A linear-beta VP schedule is fitted so that sigma(1) = s_max and sigma(eps) = s_min:
     ``beta_d = 2 (log(s_min^2+1)/eps - log(s_max^2+1)) / (eps - 1)``, ``beta_min = log(s_max^2+1) - beta_d/2``;
     then ``tau_i = (1 + u_i (eps^{1/rho} - 1))^rho`` and ``t_i = sqrt(exp(beta_d tau^2/2 + beta_min tau) - 1)``.
-    ``official`` does this in float32 as the authors do (so t_{N-1} = 0.0020132 for s_min = 0.002, spec 9.8).
+    ``official`` does this in float32 as the authors do (so t_{N-1} = 0.0020132 for s_min = 0.002,
+    docs/authors-code.md §9.8).
     """
     _check(num_steps, sigma_min, sigma_max)
     if variant == "official":
@@ -110,7 +111,7 @@ def _check_variant(variant: str) -> None:
 def beta_alphas_cumprod(kind: str, beta_start: float, beta_end: float, num_timesteps: int = 1000) -> np.ndarray:
     """``alphabar_n = prod_{i<=n} (1 - beta_i)`` of a DDPM beta schedule: ``linear`` (betas evenly spaced, Ho et al.
     2020) or ``scaled_linear`` (their square roots evenly spaced, LDM). Computed in float64, returned as float32
-    as the LDM code keeps its buffer (spec 5.1)."""
+    as the LDM code keeps its buffer (docs/authors-code.md §5.1)."""
     n = int(num_timesteps)
     if kind == "linear":
         betas = np.linspace(beta_start, beta_end, n, dtype=np.float64)
@@ -127,7 +128,7 @@ def sd15_alphas_cumprod() -> np.ndarray:
 
 
 class VPDiscreteMap:
-    """Continuous-time view of a discrete VP model (spec 5.1).
+    """Continuous-time view of a discrete VP model (docs/authors-code.md §5.1).
 
     Keypoints ``t_n = (n+1)/M`` carry ``log alpha_n = 0.5 log alphabar_n``; ``log alpha(t)`` is their
     piecewise-linear interpolation (linear extrapolation outside), and ``sigma(t) = sqrt(1 - alpha^2)/alpha``.
@@ -191,11 +192,12 @@ class VPDiscreteMap:
 def discrete_sigmas(num_steps: int, alphas_cumprod: Any = None, sigma_min: float | None = None,
                     sigma_max: float | None = None, rho: float = 1.0, variant: Variant = "correct",
                     terminal_zero: bool = False) -> torch.Tensor:
-    """Grid uniform in the discrete model's time (spec 3.1 ``discrete``).
+    """Grid uniform in the discrete model's time (docs/authors-code.md §3.1 ``discrete``).
 
     correct:  ``t_i = (t_max^{1/rho} + u_i (t_min^{1/rho} - t_max^{1/rho}))^rho``;
-    official: ``t_i = (t_max + u_i (t_min^{1/rho} - t_max))^rho`` (rho on t_min only, spec 9.7; same for rho = 1).
-    Default ``alphas_cumprod`` is Stable Diffusion 1.x; default range is the model's own sigma(1e-3)..sigma(1).
+    official: ``t_i = (t_max + u_i (t_min^{1/rho} - t_max))^rho`` (rho on t_min only, docs/authors-code.md §9.7; same
+    for rho = 1). Default ``alphas_cumprod`` is Stable Diffusion 1.x; default range is the model's own
+    sigma(1e-3)..sigma(1).
     """
     _check_variant(variant)
     vp = VPDiscreteMap(sd15_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod)
@@ -213,7 +215,7 @@ def discrete_sigmas(num_steps: int, alphas_cumprod: Any = None, sigma_min: float
 
 def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096,
             base_shift: float = 0.5, max_shift: float = 1.15) -> float:
-    """FLUX dynamic-shift parameter: linear in the packed sequence length (spec 3.2)."""
+    """FLUX dynamic-shift parameter: linear in the packed sequence length (docs/authors-code.md §3.2)."""
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return base_shift + slope * (image_seq_len - base_seq_len)
 
@@ -233,7 +235,7 @@ def _unshift(sigma: float, shift: float | None, mu: float | None) -> float:
 def flowmatch_sigmas(num_steps: int, shift: float | None = 3.0, mu: float | None = None,
                      sigma_min: float | None = None, sigma_max: float = 1.0, num_train_timesteps: int = 1000,
                      variant: Variant = "correct", terminal_zero: bool = False) -> torch.Tensor:
-    """Flow-matching grid (SD3: static ``shift``; FLUX: dynamic ``mu``), spec 3.1 ``flowmatch``.
+    """Flow-matching grid (SD3: static ``shift``; FLUX: dynamic ``mu``), docs/authors-code.md §3.1 ``flowmatch``.
 
     Shift maps: static ``s tau / (1 + (s-1) tau)``, dynamic ``e^mu / (e^mu + 1/tau - 1)``.
 
@@ -241,7 +243,8 @@ def flowmatch_sigmas(num_steps: int, shift: float | None = 3.0, mu: float | None
               Default s_min is the training range's shifted end (tau = 1/num_train_timesteps).
     official: what diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(N, mu)`` returns with the
               terminal zero dropped, as the authors use it: the scheduler's already-shifted sigma range is
-              linearly spaced and shifted again (spec 9.9), in float32; ``sigma_min``/``sigma_max`` ignored.
+              linearly spaced and shifted again (docs/authors-code.md §9.9), in float32;
+              ``sigma_min``/``sigma_max`` ignored.
     """
     if (shift is None) == (mu is None) and mu is None:
         raise ValueError("flowmatch needs a static `shift` or a dynamic `mu`")

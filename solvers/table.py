@@ -1,4 +1,4 @@
-"""Predictor tables: the learned per-step numbers of an EPD solver (spec 2).
+"""Predictor tables: the learned per-step numbers of an EPD solver (docs/authors-code.md §2).
 
 A :class:`PredictorTable` holds, for each of the ``N-1`` steps of its grid and each of its K points, the
 position ``r`` in (0, 1), the simplex weight ``w``, and optionally the direction scale ``c`` and time scale
@@ -11,13 +11,10 @@ reader of :mod:`solvers.official`. ``python -m solvers.table show PATH [--json]`
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
-import os
 import pickle
 import sys
-import tempfile
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,11 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from .official import OfficialSnapshot, UnsafePickleError, read_official
-from .schedules import ScheduleSpec, default_rho, discrete_sigmas, flowmatch_sigmas, make_sigmas
+from safeio import UnsafePickleError, atomic_write
+
+from .official import OfficialSnapshot, read_official
+from .schedules import ScheduleSpec, discrete_sigmas, flowmatch_sigmas, make_sigmas
 
 __all__ = ["PredictorTable", "TableError", "UnsafePickleError", "load_table", "save_table", "uniform_table",
-           "atomic_write", "table_from_official", "FORMAT"]
+           "table_from_official", "describe", "format_rows", "FORMAT"]
 
 FORMAT = "epd-solver/predictor-table"
 VERSION = 1
@@ -214,30 +213,6 @@ class _NeedsGlobals(pickle.UnpicklingError):
         super().__init__(f"{module}.{name}")
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would (or keep the replaced file's mode)
-        try:
-            mode = path.stat().st_mode & 0o777
-        except FileNotFoundError:
-            umask = os.umask(0o022)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_table(table: PredictorTable, path: str | Path) -> Path:
     """Write atomically: ``.json`` as JSON, anything else as a data-only pickle (protocol 4)."""
     path = Path(path)
@@ -304,7 +279,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 
 def _official_scale(params: np.ndarray, half_width: float) -> np.ndarray:
-    """``2 sigmoid(p/2) R + (1 - R)`` (spec 2.2), a factor in (1 - R, 1 + R)."""
+    """``2 sigmoid(p/2) R + (1 - R)`` (docs/authors-code.md §2.2), a factor in (1 - R, 1 + R)."""
     return 2.0 * _sigmoid(0.5 * params) * half_width + (1.0 - half_width)
 
 
@@ -343,8 +318,8 @@ def _official_grid(snapshot: OfficialSnapshot, kwargs: dict, attrs: dict) -> tup
 
 
 # ICCV tables record no backend, only their dataset_name: the pixel data sets ran NVIDIA's EDM networks, LSUN the
-# CompVis latent model (spec 5.1-5.2). The pixel tables get backend_config {"dataset": name}, which picks the
-# data set's network in backends.edm.
+# CompVis latent model (docs/authors-code.md §5.1-5.2). The pixel tables get backend_config {"dataset": name},
+# which picks the data set's network in backends.edm.
 _ICCV_PIXEL_DATASETS = ("cifar10", "ffhq", "afhqv2", "imagenet64")
 _ICCV_BACKENDS = {"lsun_bedroom_ldm": "lsun_ldm"}
 
@@ -361,7 +336,8 @@ def _official_backend(kwargs: dict) -> tuple[str, dict]:
 
 def table_from_official(snapshot: OfficialSnapshot) -> PredictorTable:
     """Effective table of an authors' predictor: ``r = sigmoid(r_params)``, ``w = softmax(weight_s)``, scales
-    only where their flag (= half-width) is nonzero (spec 2.2); the grid from the file or its settings."""
+    only where their flag (= half-width) is nonzero (docs/authors-code.md §2.2); the grid from the file or
+    its settings."""
     kwargs, params, attrs = snapshot.init_kwargs, snapshot.parameters, snapshot.attributes
     src = str(snapshot.path)
     for needed in ("r_params", "weight_s"):
@@ -397,7 +373,7 @@ def table_from_official(snapshot: OfficialSnapshot) -> PredictorTable:
                           metadata=metadata, source=src)
 
 
-# -- CLI -------------------------------------------------------------------------------------------------
+# -- describing tables (the CLI: tools/table_cli.py) -------------------------------------------------------------------------------------------------
 def describe(table: PredictorTable) -> dict:
     counts = table.eval_count()
     return {"path": table.source, "num_steps": table.num_steps, "num_points": table.num_points,
@@ -409,95 +385,13 @@ def describe(table: PredictorTable) -> dict:
             "sigmas": table.sigmas.tolist(), "metadata": table.metadata}
 
 
-def _fmt_rows(rows: list | None) -> str:
+def format_rows(rows: list | None) -> str:
     if rows is None:
         return "  null (disabled)"
     return "\n".join(f"  [{i:2d}] " + "  ".join(f"{v:.6f}" for v in row) for i, row in enumerate(rows))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m solvers.table", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    show = sub.add_parser("show", help="print a predictor table (ours or the authors')")
-    show.add_argument("path", nargs="+")
-    show.add_argument("--json", action="store_true", help="machine-readable output")
-    make = sub.add_parser("uniform", help="write a hand-made start table (same positions every step, equal weights)")
-    make.add_argument("--out", required=True, type=Path)
-    make.add_argument("--num-steps", type=int, required=True, help="grid points N (N-1 steps)")
-    make.add_argument("--num-points", type=int, default=2)
-    make.add_argument("--positions", default=None,
-                      help="comma-separated r values (default: the authors' start 0.335,0.665 for K = 2, "
-                           "evenly spaced otherwise)")
-    make.add_argument("--schedule", default="polynomial", choices=["polynomial", "logsnr", "time_uniform", "discrete"],
-                      help="discrete: the backend's own grid (it is loaded for its alphas_cumprod)")
-    make.add_argument("--rho", type=float, help="default 7 for polynomial, 1 otherwise")
-    make.add_argument("--sigma-min", type=float, help="default 0.002 (discrete: the model's own)")
-    make.add_argument("--sigma-max", type=float, help="default 80 (discrete: the model's own)")
-    make.add_argument("--afs", action="store_true")
-    make.add_argument("--backend", default="analytic")
-    make.add_argument("--backend-config", default="{}", help="JSON object, e.g. '{\"model\": \"digits\"}'")
-    convert = sub.add_parser("convert", help="rewrite any readable table (e.g. an authors' pickle) as a data-only file")
-    convert.add_argument("path", type=Path)
-    convert.add_argument("--out", required=True, type=Path, help=".pkl (data-only pickle) or .json")
-    args = parser.parse_args(argv)
-    if args.command == "convert":
-        try:
-            table = load_table(args.path)
-        except (TableError, UnsafePickleError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        print(f"wrote {save_table(table, args.out)} ({table.num_steps} grid points, K={table.num_points}, "
-              f"solver {table.solver})")
-        return 0
-    if args.command == "uniform":
-        from backends import backend_entry, load_backend     # the CLI, not the library, knows the backends
+if __name__ == "__main__":      # ``python -m solvers.table``: the CLI lives in tools/table_cli.py (it knows backends)
+    from tools.table_cli import main
 
-        discrete = args.schedule == "discrete"
-        spec = ScheduleSpec(kind=args.schedule, num_steps=args.num_steps,
-                            sigma_min=args.sigma_min if args.sigma_min is not None or discrete else 0.002,
-                            sigma_max=args.sigma_max if args.sigma_max is not None or discrete else 80.0,
-                            rho=args.rho if args.rho is not None else default_rho(args.schedule))
-        try:
-            positions = [float(v) for v in args.positions.split(",")] if args.positions else \
-                ([0.335, 0.665] if args.num_points == 2 else None)
-            backend_config = json.loads(args.backend_config)
-            if not isinstance(backend_config, dict):
-                raise ValueError("--backend-config must be a JSON object")
-            backend_entry(args.backend)
-            alphas_cumprod = None
-            if discrete:
-                alphas_cumprod = load_backend(args.backend, **backend_config).alphas_cumprod
-                if alphas_cumprod is None:
-                    raise ValueError(f"--schedule discrete needs a discrete-time model; backend {args.backend!r} "
-                                     "has no alphas_cumprod")
-            table = uniform_table(make_sigmas(spec, alphas_cumprod), args.num_points, positions, spec, afs=args.afs,
-                                  backend=args.backend, backend_config=backend_config)
-        except (TableError, ValueError, TypeError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2 if not isinstance(err, TableError) else 1
-        print(f"wrote {save_table(table, args.out)} (NFE sequential {table.eval_count().sequential})")
-        return 0
-    status = 0
-    for path in args.path:
-        try:
-            info = describe(load_table(path))
-        except (TableError, UnsafePickleError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            status = 1
-            continue
-        if args.json:
-            print(json.dumps(info, indent=1))
-            continue
-        print(f"== {path}")
-        print(f"num_steps={info['num_steps']} num_points={info['num_points']} solver={info['solver']} "
-              f"afs={info['afs']} fcn={info['fcn']} NFE sequential={info['nfe']['sequential']} "
-              f"total={info['nfe']['total']}")
-        for key in ("r", "weights", "scale_dir", "scale_time"):
-            print(f"{key}:\n{_fmt_rows(info[key])}")
-        print("sigmas: " + ", ".join(f"{s:.6g}" for s in info["sigmas"]))
-        print("metadata: " + json.dumps(info["metadata"], default=str))
-    return status
-
-
-if __name__ == "__main__":
     sys.exit(main())

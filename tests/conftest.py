@@ -35,7 +35,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def tiny_model_dirs(tmp_path_factory):
     """Tiny random-weight SD1.5 / SD3 / FLUX pipelines saved in diffusers format, once per session:
     ``{"sd15": Path, "sd3": Path, "flux": Path}`` (load them through the real loading code)."""
-    from backends.random_init import save_random_pipeline
+    from backends.testing.random_init import save_random_pipeline
 
     root = tmp_path_factory.mktemp("tiny-pipelines")
     return {model: save_random_pipeline(model, root / model, "tiny") for model in ("sd15", "sd3", "flux")}
@@ -59,7 +59,7 @@ def inception_file(tmp_path_factory) -> Path:
     import torchvision
     from pytorch_fid import inception as fid_inception
 
-    from training.rewards import weights
+    from training.rewards import pretrained as weights
 
     built = {}
     mp = pytest.MonkeyPatch()

@@ -19,7 +19,7 @@ import sample_sd3
 from backends import backend_from_pipeline, load_backend, options_from_table
 from backends.diffusers_base import ModelNotFoundError, PromptCondition
 from backends.flux import latent_image_ids, pack_latents, unpack_latents
-from backends.random_init import TINY_RESOLUTION
+from backends.testing.random_init import TINY_RESOLUTION
 from solvers.core import repeat_condition
 from solvers.schedules import discrete_sigmas, flowmatch_sigmas
 from solvers.table import load_table, save_table, uniform_table
@@ -86,7 +86,7 @@ def test_environment_variable_then_table_default(tiny_model_dirs, monkeypatch):
 def test_single_file_sd15_loads_the_same_weights(tmp_path, tiny_model_dirs, backends):
     from diffusers import StableDiffusionPipeline
 
-    from backends.random_init import write_ldm_single_file
+    from backends.testing.random_init import write_ldm_single_file
 
     pipe = StableDiffusionPipeline.from_pretrained(str(tiny_model_dirs["sd15"]), local_files_only=True)
     ckpt = write_ldm_single_file(pipe, tmp_path / "tiny-sd15.safetensors")
@@ -109,7 +109,8 @@ def test_official_table_metadata_becomes_loader_options():
     assert options == {"default_model_path": "black-forest-labs/FLUX.1-dev", "dtype": "bfloat16", "offload": "none",
                        "resolution": 1024, "guidance": 3.5}
     sd15 = load_table(official("sd15-best.pkl")).metadata
-    assert options_from_table("ldm", sd15["backend_config"], 7.5) == {"guidance": 7.5}   # 1024 px: spec 9.21
+    # 1024 px: docs/authors-code.md §9.21
+    assert options_from_table("ldm", sd15["backend_config"], 7.5) == {"guidance": 7.5}
 
 
 # -- denoiser maths ------------------------------------------------------------------------------------------
@@ -163,7 +164,7 @@ def test_flow_grids_and_sigma_range(backends):
     assert sd3.flow_shift() == (3.0, None) and sd3.sigma_max == 1.0
     assert sd3.sigma_min == pytest.approx(0.0029940, rel=1e-4)
     official = sd3.default_schedule(11, "official").sigmas().numpy()
-    assert official[-1] == pytest.approx(0.0089286, rel=1e-4)                # twice shifted (spec 9.9)
+    assert official[-1] == pytest.approx(0.0089286, rel=1e-4)                # twice shifted (docs/authors-code.md §9.9)
     assert np.allclose(sd3.default_schedule(11).sigmas().numpy(), flowmatch_sigmas(11, 3.0).numpy())
     shift, mu = flux.flow_shift()
     seq = (flux.shape[-1] // 2) ** 2

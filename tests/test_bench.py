@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from solvers.bench import frechet_distance, markdown, run_benchmark
+from bench.exact import markdown, run_benchmark
+from solvers.frechet import sample_frechet_distance as frechet_distance
 from solvers.table import save_table, uniform_table
 from solvers.schedules import ScheduleSpec, make_sigmas
 
@@ -83,7 +84,7 @@ TAGS = {"polynomial": "poly", "logsnr": "logsnr", "time_uniform": "uni"}
 def multi(tmp_path_factory):
     """One run on three schedules with two uniform tables: ``a`` (4 steps, AFS: NFE 7, 11 total; both NFEs run)
     and ``b`` (3 steps: NFE 6, 9 total; NFE 9 not run). The reference is cached under ``root/.cache/bench``."""
-    from solvers.bench import bench_schedules
+    from bench.exact import bench_schedules
 
     root = tmp_path_factory.mktemp("multi")
     tables = {}
@@ -181,7 +182,7 @@ def test_cli_schedules_option_and_shared_reference_cache(multi):
 @pytest.mark.parametrize("argv", [["--schedules", "polynomial,logsnr", "--rho", "3"], ["--schedules", "poly"],
                                   ["--schedules", ","]])
 def test_cli_rejects_bad_schedule_options(argv, capsys):
-    from solvers.bench import main
+    from bench.exact import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

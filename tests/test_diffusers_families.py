@@ -1,5 +1,5 @@
 """The model variants beyond SD1.5 / SD3-Medium / FLUX.1-dev, on tiny random pipelines
-(:mod:`backends.random_variants`): SD2.1-768-v (v-prediction), an SD with a sample (x0) predicting
+(:mod:`backends.testing.random_variants`): SD2.1-768-v (v-prediction), an SD with a sample (x0) predicting
 scheduler, SD3.5-Medium, SD3.5-Large and FLUX.1-schnell.
 
 * Parity of our Euler and DPM-Solver++(2M) *through* ``backend_from_pipeline(pipe)`` with the diffusers
@@ -27,8 +27,8 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 import test_parity_pipelines as harness
 from backends import backend_from_pipeline, load_backend
 from backends.flux import MAX_SEQUENCE_LENGTH
-from backends.random_init import build_pipeline
-from backends.random_variants import (PUBLISHED_PARAMETERS, STORED_PARAMETERS, TINY_RESOLUTION, VARIANT_BASE,
+from backends.testing.random_init import build_pipeline
+from backends.testing.random_variants import (PUBLISHED_PARAMETERS, STORED_PARAMETERS, TINY_RESOLUTION, VARIANT_BASE,
                                       VARIANTS, stored_parameters, variant_configs)
 from backends.sd3 import VARIANT_GUIDANCE, sd3_variant
 from solvers.baselines import sample_dpmpp, sample_euler

@@ -145,8 +145,8 @@ def test_configs_and_a_short_search(tiny_ddpm, tmp_path, monkeypatch):
 
 
 def test_bench_discrete_grid_needs_a_discrete_model(tiny_ddpm, capsys):
-    from solvers.bench import main, run_benchmark
-    from solvers.bench import bench_schedules
+    from bench.exact import main, run_benchmark
+    from bench.exact import bench_schedules
 
     with pytest.raises(SystemExit) as err:
         main(["--model", "gmm", "--schedules", "discrete,polynomial", "--nfe", "3", "--solvers", "euler"])

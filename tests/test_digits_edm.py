@@ -163,7 +163,7 @@ def test_distill_configs_and_a_short_run(tiny_network, tmp_path, monkeypatch):
 
 
 def test_bench_on_the_network(tiny_network, tmp_path):
-    from solvers.bench import markdown, run_benchmark
+    from bench.exact import markdown, run_benchmark
     from solvers.schedules import ScheduleSpec, make_sigmas
     from solvers.table import save_table, uniform_table
 
@@ -184,7 +184,7 @@ def test_bench_on_the_network(tiny_network, tmp_path):
 def test_bench_reference_is_converged(network):
     """The fine reference barely moves when its step count doubles (on the trained network: at the benchmark's
     setting, far below any solver's error)."""
-    from solvers.bench import REF_SOLVER, fine_reference
+    from solvers.evaluate import REF_SOLVER, fine_reference
 
     backend = load_digits_edm(network, device="cpu")
     noise = seeded_noise(range(4), backend.shape, torch.float64)

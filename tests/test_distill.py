@@ -80,7 +80,7 @@ def test_every_shipped_config_loads():
 
 @pytest.mark.skipif(not OFFICIAL.is_dir(), reason="the authors' release is not beside this checkout")
 def test_released_setting_configs_match_the_released_tables():
-    """Each ICCV config reproduces the settings recorded in the matching official pickle (spec 6.5)."""
+    """Each ICCV config reproduces the settings recorded in the matching official pickle (docs/authors-code.md §6.5)."""
     batches = {"cifar10-epd": [32] * 4, "ffhq-epd": [16] * 4, "imagenet64-epd": [8, 16, 12, 8],
                "lsun_bedroom_ldm-epd": [12, 12, 12, 16]}
     for path in sorted(OFFICIAL.glob("*.pkl")):

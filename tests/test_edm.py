@@ -22,12 +22,13 @@ import torch
 import sample
 from backends import load_backend, options_from_table
 from backends.edm import EDMBackend, class_labels_for_seeds
-from backends.edm_checkpoint import (CheckpointError, load_edm, main as edm_cli, network_from_checkpoint,
+from tools.edm_cli import main as edm_cli
+from backends.edm_checkpoint import (CheckpointError, load_edm, network_from_checkpoint,
                                      read_edm_pickle, save_edm)
 from backends.edm_networks import PRECOND_CLASSES, DhariwalUNet, SongUNet, tiny_precond
 from solvers.core import EvalCounter, repeat_condition, seeded_noise
 from solvers.epd import sample_epd
-from solvers.official import UnsafePickleError, globals_in_pickle
+from safeio import UnsafePickleError, globals_in_pickle
 from solvers.table import PredictorTable, load_table
 from tests.guards import forbid_code_execution
 
@@ -289,7 +290,8 @@ def test_network_noise_ranges():
     assert iddpm.sigma_min == pytest.approx(u[999], rel=1e-3) and iddpm.sigma_max == pytest.approx(u[0], rel=1e-4)
     assert float(iddpm.round_sigma(torch.tensor(float(u[500]) * 1.0001))) == pytest.approx(u[500], rel=1e-5)
     backend = EDMBackend(vp)
-    assert (backend.sigma_min, backend.sigma_max) == (0.002, 80.0)                  # spec 3.2 for the VP nets
+    # docs/authors-code.md §3.2 for the VP nets
+    assert (backend.sigma_min, backend.sigma_max) == (0.002, 80.0)
     assert EDMBackend(iddpm).sigma_min == pytest.approx(u[999], rel=1e-3)            # clamped like edm_sampler
     assert EDMBackend(tiny_precond("VEPrecond")).sigma_min == pytest.approx(0.02)
     spec = backend.default_schedule(18)
@@ -361,7 +363,7 @@ def test_conditions_labels_and_batching(conditional_backend):
 
 
 # --- the authors' ICCV tables on tiny networks -----------------------------------------------------------------------
-SPEC_GRIDS = {   # spec 3.1: loss_fn.t_steps of the ICCV pickles, EDM range 0.002-80
+SPEC_GRIDS = {   # docs/authors-code.md §3.1: loss_fn.t_steps of the ICCV pickles, EDM range 0.002-80
     3: [80, 2.82371, 0.0020132], 4: [80, 6.95028, 1.28668, 0.0020132],
     5: [80, 11.7343, 2.82371, 0.856473, 0.0020132], 6: [80, 16.5063, 4.74637, 1.75413, 0.650225, 0.0020132],
 }
@@ -434,6 +436,8 @@ def test_safetensors_round_trip_and_convert_cli(tmp_path):
 
     out = tmp_path / "edm-tiny.safetensors"
     assert edm_cli(["convert", str(pkl), str(out)]) == 0
+    assert edm_cli(["convert", str(pkl), str(tmp_path / "edm.bin")]) == 2          # a user error: one line, exit 2
+    assert edm_cli(["show", str(tmp_path / "missing.safetensors")]) == 2
     assert out.read_bytes()[8:].lstrip().startswith(b"{")                  # safetensors, not a pickle
     loaded, config = load_edm(out)
     assert config["class_name"] == "EDMPrecond" and config["init_kwargs"] == net.init_kwargs

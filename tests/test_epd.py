@@ -1,4 +1,4 @@
-"""The EPD step and sampler (spec 1.1) and the iPNDM plugin (spec 4)."""
+"""The EPD step and sampler (docs/authors-code.md §1.1) and the iPNDM plugin (docs/authors-code.md §4)."""
 
 import math
 from dataclasses import dataclass
@@ -10,6 +10,7 @@ import torch
 from solvers import EvalCounter, sample_epd, sample_heun
 from solvers.core import analytic_denoised, repeat_condition, seeded_noise
 from solvers.epd import adams_bashforth, epd_step
+from solvers.plan import StepPlan, TableRows
 from solvers.schedules import polynomial_sigmas
 from solvers.table import PredictorTable, uniform_table
 
@@ -47,7 +48,8 @@ def test_parallel_equals_sequential_with_cfg_scales_and_labels(gmm, solver, max_
 
     guided = make_analytic("gmm", guidance=2.5)
     table = random_table(solver=solver, max_order=max_order, afs=True, fcn=True)
-    labels = torch.tensor([3, -1, 7, 0, 9])      # class labels repeated for the K points (spec 9.1 fixed)
+    # class labels repeated for the K points (docs/authors-code.md §9.1 fixed)
+    labels = torch.tensor([3, -1, 7, 0, 9])
     x = noise() * 80.0
     parallel = sample_epd(guided, x, table, labels, parallel=True)
     sequential = sample_epd(guided, x, table, labels, parallel=False)
@@ -131,11 +133,10 @@ def test_per_sample_tables_match_individual_runs(gmm):
     t_c, t_n = float(table.sigmas[0]), float(table.sigmas[1])
     d_cur = (x - gmm(x, torch.full((2,), t_c, dtype=torch.float64))) / t_c
     stacked = lambda name: torch.tensor(np.stack([getattr(table, name)[0], getattr(other, name)[0]]))
-    both = epd_step(gmm, x, t_c, t_n, stacked("positions"), stacked("weights"), d_cur=d_cur,
-                    dir_scales=stacked("dir_scales"), time_scales=stacked("time_scales"))
+    both = epd_step(gmm, x, t_c, t_n, TableRows(stacked("positions"), stacked("weights"), stacked("dir_scales"),
+                                                stacked("time_scales")), d_cur=d_cur)
     for b, tab in enumerate((table, other)):
-        one = epd_step(gmm, x[b:b + 1], t_c, t_n, tab.positions[0], tab.weights[0], d_cur=d_cur[b:b + 1],
-                       dir_scales=tab.dir_scales[0], time_scales=tab.time_scales[0])
+        one = epd_step(gmm, x[b:b + 1], t_c, t_n, StepPlan.from_table(tab).rows[0], d_cur=d_cur[b:b + 1])
         torch.testing.assert_close(both[b:b + 1], one, rtol=1e-12, atol=1e-12)
 
 
@@ -153,7 +154,7 @@ def test_afs_estimates():
     x = noise(2)
     sigma = torch.tensor(3.0, dtype=torch.float64)
     d = (x - analytic_denoised(x, sigma)) / sigma
-    torch.testing.assert_close(d, x / math.sqrt(1 + 9.0))                 # authors' formula, spec 1.3
+    torch.testing.assert_close(d, x / math.sqrt(1 + 9.0))                 # authors' formula, docs/authors-code.md §1.3
     assert analytic_denoised(x, 1.0, flow=True).abs().max() == 0          # flow: data-mean estimate, d = x
 
 
@@ -165,7 +166,7 @@ def test_denoise_to_zero_and_bad_grids(gmm):
     before = sample_epd(gmm, x, table)
     torch.testing.assert_close(out, gmm(before, torch.full((2,), float(table.sigmas[-1]), dtype=torch.float64)))
     with pytest.raises(ValueError, match="sigma_next > 0"):
-        epd_step(gmm, x, 1.0, 0.0, [0.3, 0.7], [0.5, 0.5], d_cur=x)
+        epd_step(gmm, x, 1.0, 0.0, TableRows([0.3, 0.7], [0.5, 0.5]), d_cur=x)
 
     @dataclass
     class Short:
@@ -228,5 +229,5 @@ def test_official_iccv_tables_run_on_the_analytic_model(gmm):
         table = load_table(root / name)
         counter = EvalCounter(gmm, 3)
         out = sample_epd(counter, x, table)
-        assert torch.isfinite(out).all() and counter.calls == 5      # NFE 5 with AFS (spec 1.2)
+        assert torch.isfinite(out).all() and counter.calls == 5      # NFE 5 with AFS (docs/authors-code.md §1.2)
         torch.testing.assert_close(out, sample_epd(gmm, x, table, parallel=False), rtol=1e-12, atol=1e-12)

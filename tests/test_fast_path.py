@@ -197,7 +197,7 @@ def test_error_summary_skips_the_wrapper_line():
 
 def test_compile_needs_the_pipeline_on_the_gpu():
     from backends import backend_from_pipeline
-    from backends.random_init import build_pipeline
+    from backends.testing.random_init import build_pipeline
 
     pipe = build_pipeline("sd15", "tiny", dtype=torch.float32, device=torch.device("cpu"), seed=0)
     pipe.unet._hf_hook = object()                               # what accelerate's offload leaves behind

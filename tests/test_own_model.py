@@ -109,7 +109,7 @@ def test_sample_cli_with_factory_string(example, weights, tmp_path):
 
 
 def test_bench_with_factory_string_uses_the_models_own_discrete_grid(example, weights, tmp_path, monkeypatch):
-    import solvers.bench as bench
+    import bench.exact as bench
     import solvers.schedules as schedules
 
     backend = load_backend(FACTORY, model_path=str(weights), device="cpu")

@@ -1,7 +1,7 @@
 """Parity of our solvers *through the diffusers backends* with diffusers' own pipelines, on tiny random models.
 
 For each of StableDiffusionPipeline (``sd15``), StableDiffusion3Pipeline (``sd3``) and FluxPipeline (``flux``),
-built with random weights by :func:`backends.random_init.build_pipeline`, and each of Euler and
+built with random weights by :func:`backends.testing.random_init.build_pipeline`, and each of Euler and
 DPM-Solver++(2M), we run the pipeline itself (``output_type="latent"``, fixed ``latents``, the prompt embeddings
 of our backend, the scheduler swapped in), read the sigma grid its scheduler actually used
 (``pipe.scheduler.sigmas``, ending in 0), run our solver through ``backend_from_pipeline(pipe)`` on exactly that
@@ -52,7 +52,7 @@ from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, FlowM
 
 from backends import backend_from_pipeline
 from backends.flux import unpack_latents
-from backends.random_init import TINY_RESOLUTION, build_pipeline
+from backends.testing.random_init import TINY_RESOLUTION, build_pipeline
 from solvers.baselines import sample_dpmpp, sample_euler
 from solvers.epd import sample_epd
 from solvers.table import uniform_table

@@ -1,8 +1,7 @@
-"""Cold start and residual Dirichlet policy of RDPO (spec 7.1, 7.2, 7.6, 7.8)."""
+"""Cold start and residual Dirichlet policy of RDPO (docs/authors-code.md §7.1, 7.2, 7.6, 7.8)."""
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ import pytest
 import torch
 from torch.distributions import Dirichlet, LogNormal
 
+from solvers.plan import StepPlan
 from solvers.table import PredictorTable, load_table, save_table, uniform_table
 from training.ppo.cold_start import (ColdStart, cold_start, positions_to_segments, sanitize_rows,
                                      segments_to_positions)
@@ -292,9 +292,9 @@ def test_table_sample_helpers_and_sampler_layout():
     torch.testing.assert_close(policy.log_prob(part).detach(), log_prob[1:3])
     assert len(sample.select(4)) == 1 and sample.detach().to("cpu").segments.shape == (5, 3, 3)
     rows = sample.rows()
-    assert rows["positions"].shape == (3, 5, 2) and rows["dir_scales"].shape == (3, 5, 2)
-    torch.testing.assert_close(rows["positions"][1, 2], sample.positions[2, 1])
-    per_image = types.SimpleNamespace(sigmas=table.sigmas, afs=False, fcn=False, solver="epd", **rows)
+    assert rows.positions.shape == (3, 5, 2) and rows.dir_scales.shape == (3, 5, 2)
+    torch.testing.assert_close(rows.positions[1, 2], sample.positions[2, 1])
+    per_image = StepPlan(table.sigmas, rows)
     x = torch.randn(5, 4, dtype=torch.float64) * float(table.sigmas[0])
     out = sample_epd(lambda z, sigma, cond=None: z / (1 + sigma.view(-1, 1) ** 2), x, per_image)
     assert out.shape == x.shape and bool(torch.isfinite(out).all())

@@ -1,4 +1,4 @@
-"""Random-weight diffusers pipelines built offline (backends/random_init.py).
+"""Random-weight diffusers pipelines built offline (backends/testing/random_init.py).
 
 Tiny pipelines: build, save, reload offline (network disabled), identical weights, run 2 steps end to end.
 SD1.5: original-LDM single-file round trip (.safetensors and .ckpt). Full sizes: parameter counts on the meta
@@ -12,7 +12,7 @@ import socket
 import pytest
 import torch
 
-from backends.random_init import (
+from backends.testing.random_init import (
     MODELS,
     TINY_RESOLUTION,
     build_clip_tokenizer,
@@ -20,10 +20,11 @@ from backends.random_init import (
     build_t5_tokenizer,
     count_parameters,
     ldm_state_dict,
-    main,
     save_random_pipeline,
     write_ldm_single_file,
 )
+
+from tools.random_pipeline import main
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
 
@@ -162,7 +163,7 @@ def test_sd15_full_ldm_key_mapping_matches_diffusers_converters():
     """On the meta device: our diffusers -> LDM names, fed to diffusers' LDM -> diffusers converters, come back."""
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
-    from backends.random_init import _unet_to_ldm, _vae_to_ldm
+    from backends.testing.random_init import _unet_to_ldm, _vae_to_ldm
 
     pipe = build_pipeline("sd15", "full", device="meta")
     unet, vae = pipe.unet.state_dict(), pipe.vae.state_dict()

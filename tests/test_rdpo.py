@@ -41,7 +41,7 @@ def test_rloo_groups_by_prompt_and_the_legacy_mixed_groups():
     assert ours.tolist() == [-2.0, 2.0, -4.0, 4.0, 0.0, 0.0, -1.0, 1.0]     # R_n - the other sample of its prompt
     legacy = rloo_advantages(rewards, 2, legacy_mixed=True, standardize=False)
     assert legacy.tolist() == [1.0, 3.0, 5.0, 8.0, -1.0, -3.0, -5.0, -8.0]  # baselines from other prompts
-    # spec 7.5's B = 16, k = 4 case: every legacy group holds one sample of each of the 4 prompts
+    # docs/authors-code.md §7.5's B = 16, k = 4 case: every legacy group holds one sample of each of the 4 prompts
     prompt_of = torch.arange(16) // 4
     for group in group_indices(16, 4, legacy_mixed=True):
         assert sorted(prompt_of[group].tolist()) == [0, 1, 2, 3]
@@ -95,7 +95,7 @@ def test_ranks_and_steps_draw_different_prompts_and_seeds(tmp_path):
     other, other_seeds, _ = trainer.draw(0)
     trainer.rank = 0
     mine, my_seeds, _ = trainer.draw(0)
-    assert not set(other) & set(mine) and not set(other_seeds) & set(my_seeds)   # spec 9.36 fixed
+    assert not set(other) & set(mine) and not set(other_seeds) & set(my_seeds)   # docs/authors-code.md §9.36 fixed
 
 
 def test_training_raises_the_held_out_reward_and_exports_a_usable_table(tmp_path):
@@ -113,7 +113,8 @@ def test_training_raises_the_held_out_reward_and_exports_a_usable_table(tmp_path
         assert (folder / name).is_file(), name
     saved = load_table(folder / "table-mean.pkl")
     start = load_table(ROOT / "exps/rdpo/digits-nfe3-stage1.pkl")
-    assert saved.dir_scales is not None and saved.time_scales is not None          # scales kept (spec 9.20)
+    # scales kept (docs/authors-code.md §9.20)
+    assert saved.dir_scales is not None and saved.time_scales is not None
     assert saved.afs == start.afs and np.array_equal(saved.sigmas, start.sigmas)
     assert saved.metadata["backend"] == "digits" and saved.metadata["guidance_rate"] == 2.0
     assert saved.metadata["rdpo"]["kind"] == "mean" and not np.allclose(saved.positions, start.positions)

@@ -25,7 +25,8 @@ from solvers.epd import sample_epd
 from solvers.registry import eval_count, get_solver
 from solvers.schedules import make_sigmas
 from solvers.table import load_table
-from training.rewards import fid, weights
+from training.rewards import fid
+from training.rewards import pretrained as weights
 
 ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL = ROOT.parent / "shared" / "official" / "iccv"
@@ -82,7 +83,7 @@ def test_digits_cell_end_to_end_then_resume(tmp_path, inception_file, reference,
     captured = capsys.readouterr()
     cell = out / "digits" / "epd-nfe3"
     result = json.loads((cell / "fid.json").read_text())
-    # the printed comparison line, and the small-count warning (spec 9.33)
+    # the printed comparison line, and the small-count warning (docs/authors-code.md §9.33)
     assert [line for line in captured.out.splitlines() if line.startswith("ours ")] == \
         [f"ours {result['fid']:.2f} | paper n/a (digits, epd, NFE 3)"]
     assert "16 < 50000 images is biased upwards" in captured.err and result["warnings"]
@@ -347,7 +348,7 @@ def test_table_selection_checks_file_names(tmp_path):
 # -- the paper's numbers ---------------------------------------------------------------------------------------
 def test_paper_numbers_known_cells():
     assert ri.paper_fid("cifar10", "epd", 5) == (4.33, "EPD-Solver, CIFAR-10 32, NFE 5")
-    # the README's 5-NFE EPD-Solver numbers and the abstract's (= EPD-Plugin) ones, spec 9.34
+    # the README's 5-NFE EPD-Solver numbers and the abstract's (= EPD-Plugin) ones, docs/authors-code.md §9.34
     assert [ri.paper_fid(d, "epd", 5)[0] for d in ri.DATASETS if d != "digits"] == [4.33, 7.84, 6.35, 7.52]
     assert [ri.paper_fid(d, "epd_plugin", 5)[0] for d in ri.DATASETS if d != "digits"] == [4.47, 7.97, 8.17, 8.26]
     assert ri.paper_fid("imagenet64", "ddim", 9)[0] == 19.27 and ri.paper_fid("lsun_bedroom", "edm", 3)[0] == 291.5

@@ -49,7 +49,7 @@ PROMPTS = ["a photo of a red cat", "a dog", "the blue sky over the old city, a v
 def pick_dirs(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from backends.random_init import build_clip_tokenizer
+    from backends.testing.random_init import build_clip_tokenizer
 
     root = tmp_path_factory.mktemp("pickscore")
     tokenizer = build_clip_tokenizer("tiny")

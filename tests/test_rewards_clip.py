@@ -180,7 +180,7 @@ def tiny_clip_dir(tmp_path_factory):
     """A tiny random transformers CLIP (projection dim 32) saved with a tokenizer and an image processor."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from backends.random_init import build_clip_tokenizer
+    from backends.testing.random_init import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer("tiny")
     text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -15,7 +15,8 @@ from PIL import Image
 
 import sample
 from training.rewards import build_reward
-from training.rewards import fid, score_cli, weights
+from training.rewards import fid, score_cli
+from training.rewards import pretrained as weights
 from training.rewards.mps import MPSStateDictError, PickledModelError, load_mps_state_dict, refuse_pickled_model
 from training.ppo.scripts import score_fid, score_hps, score_mps
 

@@ -57,7 +57,7 @@ def mps_files(tmp_path_factory):
     CLIP tokenizer + image processor in ``root/CLIP-ViT-H-14-laion2B-s32B-b79K`` (the manifest's default places)."""
     from transformers import CLIPImageProcessor
 
-    from backends.random_init import build_clip_tokenizer
+    from backends.testing.random_init import build_clip_tokenizer
 
     root = tmp_path_factory.mktemp("mps")
     tokenizer = build_clip_tokenizer("tiny")

@@ -116,3 +116,17 @@ def test_torchrun_splits_seeds_across_ranks_with_identical_images(tmp_path):
         assert one["prompt"] == two["prompt"] == str(seed % 10)
         assert np.array_equal(np.asarray(Image.open(tmp_path / "one" / f"{seed:06d}.png")),
                               np.asarray(Image.open(tmp_path / "two" / f"{seed:06d}.png")))
+
+
+def test_outputs_get_the_mode_a_plain_open_would_give(tmp_path):
+    """Images, sidecars and the grid are written atomically but not 0600 (the temporary file's mode)."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        assert run("--backend", "digits", "--solver", "euler", "--steps", "3", "--seeds", "0-1", "--grid",
+                   "--no-subdirs", "--outdir", tmp_path) == 0
+    finally:
+        os.umask(umask)
+    for name in ("000000.png", "000001.json", "grid.png"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name

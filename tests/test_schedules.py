@@ -1,4 +1,5 @@
-"""Sigma grids: the authors' variants reproduce their numbers (spec 3.1), the correct ones fix spec 9.7-9.9."""
+"""Sigma grids: the authors' variants reproduce their numbers (docs/authors-code.md §3.1), the correct ones fix
+§9.7-9.9 of that document."""
 
 import numpy as np
 import pytest
@@ -30,7 +31,8 @@ def test_time_uniform_official_lsun():
 def test_time_uniform_correct_hits_sigma_min_exactly():
     got = time_uniform_sigmas(6, *EDM, variant="correct").numpy()
     assert got[0] == pytest.approx(80.0, rel=1e-12)
-    assert got[-1] == pytest.approx(0.002, rel=1e-10)      # the float32 refit gives 0.0020132 (spec 9.8)
+    # the float32 refit gives 0.0020132 (docs/authors-code.md §9.8)
+    assert got[-1] == pytest.approx(0.002, rel=1e-10)
     official = time_uniform_sigmas(6, *EDM, variant="official").numpy()
     assert abs(official[-1] / got[-1] - 1) > 5e-3
 
@@ -42,7 +44,7 @@ def test_discrete_sd15_grid_and_range():
     vp = VPDiscreteMap(sd15_alphas_cumprod())
     assert vp.sigma_min == pytest.approx(0.0291675, rel=1e-5)
     assert vp.sigma_max == pytest.approx(14.6146, rel=1e-5)
-    # rho = 1: both variants agree; rho != 1: the authors' form applies rho to one end only (spec 9.7).
+    # rho = 1: both variants agree; rho != 1: the authors' form applies rho to one end only (docs/authors-code.md §9.7).
     np.testing.assert_allclose(discrete_sigmas(11, variant="correct").numpy(), got, rtol=1e-12)
     # With the model's own range t_max = 1 and 1^(1/rho) = 1, so the bug only shows for a smaller sigma_max.
     wrong = discrete_sigmas(8, sigma_max=10.0, rho=3.0, variant="official").numpy()

@@ -34,7 +34,7 @@ import torch
 from backends import backend_from_pipeline, check_backend, load_backend, options_from_table
 from backends.diffusers_base import ModelNotFoundError
 from backends.ldm import StableDiffusionBackend
-from backends.random_init import PUBLISHED_PARAMETERS, TINY_RESOLUTION, build_pipeline, count_parameters
+from backends.testing.random_init import PUBLISHED_PARAMETERS, TINY_RESOLUTION, build_pipeline, count_parameters
 from backends.sdxl import SDXLBackend, sdxl_time_ids
 from solvers.epd import sample_epd
 from solvers.table import load_table, save_table, uniform_table
@@ -69,7 +69,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def sdxl_dir(pipe, tmp_path_factory):
-    """The tiny pipeline saved in diffusers format (what ``backends.random_init`` writes)."""
+    """The tiny pipeline saved in diffusers format (what ``backends.testing.random_init`` writes)."""
     folder = tmp_path_factory.mktemp("sdxl-tiny") / "sdxl"
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
@@ -241,7 +241,7 @@ def test_refiner_config_mismatch_and_non_sdxl_unets_are_refused(pipe):
     refiner_like.register_to_config(requires_aesthetics_score=True)
     with pytest.raises(ValueError, match="added embedding takes 96 inputs but 5 time ids"):
         make_backend(refiner_like)
-    from backends.random_init import build_pipeline as build
+    from backends.testing.random_init import build_pipeline as build
 
     sd15 = build("sd15")
     with pytest.raises(ValueError, match="addition_embed_type 'text_time'"):

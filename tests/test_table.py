@@ -1,5 +1,5 @@
-"""Predictor tables (spec 2): the authors' 43 released tables read without executing code, exact effective values,
-malicious pickles refused with no side effect, data-only round trips, validation messages, the CLI."""
+"""Predictor tables (docs/authors-code.md §2): the authors' 43 released tables read without executing code, exact
+effective values, malicious pickles refused with no side effect, data-only round trips, validation messages, the CLI."""
 
 import collections
 import dataclasses
@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 import solvers.official as official
-from solvers.official import UnsafePickleError, globals_in_pickle, read_official
-from solvers.table import (FORMAT, PredictorTable, TableError, load_table, main, save_table, table_from_official,
+from safeio import UnsafePickleError, globals_in_pickle
+from solvers.official import read_official
+from tools.table_cli import main
+from solvers.table import (FORMAT, PredictorTable, TableError, load_table, save_table, table_from_official,
                            uniform_table)
 from tests.guards import forbid_code_execution
 

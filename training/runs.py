@@ -1,25 +1,28 @@
 """What the Stage-1 and Stage-2 trainers share: YAML configs with ``inherit:`` and overrides, run folders,
-atomic writes, JSON-lines logs that a resumed run truncates, and the torchrun process group."""
+JSON-lines logs that a resumed run truncates, and one training loop (:class:`TrainingLoop`: resume, progress
+bar, log, checkpoint, early stop, final export)."""
 
 from __future__ import annotations
 
 import fcntl
-import io
 import json
-import os
 import re
+import time
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
-from solvers.table import atomic_write
+from backends.distributed import rank_and_world
+from safeio import atomic_text, atomic_torch_save
 
-__all__ = ["ConfigError", "compose_config", "new_run_dir", "discard_run_on_failure", "atomic_torch_save", "atomic_text", "truncate_log",
-           "init_distributed", "append_jsonl", "open_run", "rank_and_world", "rank_device"]
+__all__ = ["TRAIN_SEED_BASE", "ConfigError", "compose_config", "new_run_dir", "discard_run_on_failure",
+           "truncate_log", "append_jsonl", "open_run", "TrainingLoop"]
 
 
 class ConfigError(ValueError):
@@ -80,16 +83,6 @@ def new_run_dir(outdir: str | Path, name: str) -> Path:
     return path
 
 
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write(path, buffer.getvalue())
-
-
-def atomic_text(path: Path, text: str) -> None:
-    atomic_write(path, text.encode())
-
-
 def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
     with path.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
@@ -110,32 +103,9 @@ def truncate_log(path: Path, key: str, upto: int) -> None:
     atomic_text(path, "".join(f"{line}\n" for line in kept))
 
 
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the number of processes (0 and 1 outside torch.distributed)."""
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def rank_device(name: str = "auto") -> torch.device:
-    """``auto``: this rank's GPU (``cuda:$LOCAL_RANK``) when CUDA is available, else the CPU; or ``name``."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def init_distributed() -> None:
-    """Join the torchrun process group: NCCL for CUDA tensors and gloo for CPU ones on a GPU machine (small
-    CPU-side state such as the RDPO policy is reduced through gloo), gloo on CPU; a no-op for one process."""
-    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl")
-    else:
-        dist.init_process_group(backend="gloo")
+# Training trajectories draw their noise from seeds >= 2^31: benchmark and sampling seeds start at 0 and the
+# held-out validation seeds at 2^30, so no training noise is ever scored.
+TRAIN_SEED_BASE = 1 << 31
 
 
 @contextmanager
@@ -181,3 +151,115 @@ def open_run(config: DictConfig | str | Path | None, overrides: list[str] | None
         chosen = Path(shared[0])
     assert chosen is not None
     return config, chosen
+
+
+class TrainingLoop:
+    """The loop both trainers run (Stage-1 :class:`training.distill.trainer.Distiller`, Stage-2
+    :class:`training.ppo.trainer.RDPOTrainer`): resume from ``checkpoint.pt``, then per iteration train, score,
+    show progress, append the JSON-lines log, checkpoint, and stop early or at ``stop_after``; at the end the
+    trainer writes its tables.
+
+    A subclass sets ``run_dir``, ``rank``, ``progress``, ``stop_after``, ``iterations`` (the total) and
+    ``start_iteration`` and implements :meth:`checkpoint_state`, :meth:`restore`, :meth:`train_iteration`,
+    :meth:`finish` and ``table()``; the other hooks have defaults. ``log_key`` names the counter in its logs,
+    whose lines past a checkpoint a resumed run drops (``logs``) and writes again.
+    """
+
+    log_key = "iteration"
+    logs: tuple[str, ...] = ("log.jsonl",)
+    desc = "train"
+    unit = "it"
+
+    run_dir: Path
+    rank: int
+    progress: bool
+    stop_after: int | None
+    iterations: int
+    start_iteration: int
+
+    # -- hooks ---------------------------------------------------------------------------------------------
+    def checkpoint_state(self, done: int) -> dict:
+        """What ``checkpoint.pt`` holds after ``done`` iterations (tensors, numbers, strings: weights-only)."""
+        raise NotImplementedError
+
+    def restore(self, saved: dict) -> int:
+        """Load a checkpoint's state; returns the number of iterations it had done."""
+        raise NotImplementedError
+
+    def train_iteration(self, iteration: int) -> dict:
+        """One iteration; returns its log record."""
+        raise NotImplementedError
+
+    def finish(self, seconds: float, record: dict) -> Any:
+        """Write the run's results after the last iteration (every rank calls it); returns the final table."""
+        raise NotImplementedError
+
+    def table(self) -> Any:
+        raise NotImplementedError
+
+    def before_loop(self, resumed: bool) -> None:
+        """Work before the first iteration of this launch (a precomputed teacher, a first evaluation)."""
+
+    def score(self, done: int, record: dict) -> bool:
+        """Evaluate after iteration ``done`` (adding to ``record``); True stops the run early."""
+        return False
+
+    def postfix(self, record: dict) -> dict:
+        """What the progress bar shows of a record."""
+        return {}
+
+    def logs_record(self, done: int) -> bool:
+        return True
+
+    def checkpoints_after(self, done: int) -> bool:
+        return True
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / "checkpoint.pt"
+
+    def save_checkpoint(self, done: int) -> None:
+        if self.rank == 0:
+            atomic_torch_save(self.checkpoint_state(done), self.checkpoint_path)
+
+    def load_checkpoint(self, map_location: Any = "cpu") -> bool:
+        """Restore from ``checkpoint.pt`` if present and drop the log lines written after it."""
+        if not self.checkpoint_path.is_file():
+            return False
+        self.start_iteration = self.restore(torch.load(self.checkpoint_path, map_location=map_location,
+                                                       weights_only=True))
+        if self.rank == 0:
+            for name in self.logs:
+                truncate_log(self.run_dir / name, self.log_key, self.start_iteration)
+        return True
+
+    def run(self) -> Any:
+        """Train (resuming from ``checkpoint.pt`` if present) and write the results; a run stopped by
+        ``stop_after`` returns the current table and writes nothing final (a later launch resumes it)."""
+        resumed = self.load_checkpoint()
+        self.before_loop(resumed)
+        bar = tqdm(total=self.iterations, initial=self.start_iteration, disable=not self.progress or self.rank != 0,
+                   desc=self.desc, unit=self.unit)
+        start = time.perf_counter()
+        record: dict = {}
+        for iteration in range(self.start_iteration, self.iterations):
+            tick = time.perf_counter()
+            record = self.train_iteration(iteration)
+            record["seconds"] = round(time.perf_counter() - tick, 4)
+            record["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            done = iteration + 1
+            stop = self.score(done, record)
+            bar.set_postfix(**self.postfix(record))
+            bar.update()
+            if self.rank == 0 and self.logs_record(done):
+                append_jsonl(self.run_dir / self.logs[0], record)
+            if self.checkpoints_after(done) or done == self.iterations or stop:
+                self.save_checkpoint(done)
+            if stop:
+                break
+            if self.stop_after is not None and self.stop_after <= done < self.iterations:
+                bar.close()
+                return self.table()
+        bar.close()
+        return self.finish(time.perf_counter() - start, record)

@@ -1,4 +1,5 @@
-"""Stage-1 distillation of EPD predictor tables (spec 6): ``python -m training.distill.launch --config ...``."""
+"""Stage-1 distillation of EPD predictor tables (docs/authors-code.md §6):
+``python -m training.distill.launch --config ...``."""
 
 from .config import DEFAULTS, ConfigError, load_config
 from .params import TableParameters

@@ -1,9 +1,9 @@
 """Stage-1 distillation settings: defaults, YAML files with ``inherit:``, ``key=value`` overrides, checks.
 
-Every setting has a default here (the authors' ``train.py`` defaults where they exist, spec 6.1); a YAML file
-overrides some of them and may ``inherit:`` another file (a path relative to itself, or a list of them,
-merged in order). ``--override a.b=value`` (omegaconf dotlist syntax) comes last. The resolved config is
-written into the run folder, so a run is reproducible from its folder alone.
+Every setting has a default here (the authors' ``train.py`` defaults where they exist, docs/authors-code.md §6.1); a
+YAML file overrides some of them and may ``inherit:`` another file (a path relative to itself, or a list of them, merged
+in order). ``--override a.b=value`` (omegaconf dotlist syntax) comes last. The resolved config is written into the run
+folder, so a run is reproducible from its folder alone.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ from training.runs import ConfigError, compose_config
 
 __all__ = ["DEFAULTS", "ConfigError", "load_config", "validate", "PIXEL_DATASETS"]
 
-# Datasets the authors' last-step-only rule applies to (spec 6.3, 9.24).
+# Datasets the authors' last-step-only rule applies to (docs/authors-code.md §6.3, 9.24).
 PIXEL_DATASETS = ("cifar10", "ffhq", "afhqv2", "imagenet64")
 
 DEFAULTS: dict[str, Any] = {
     "name": "distill",
-    "dataset": None,                  # metadata; selects the authors' loss-step rule (spec 9.24)
+    "dataset": None,                  # metadata; selects the authors' loss-step rule (docs/authors-code.md §9.24)
     "backend": {"name": "gmm"},       # passed to backends.load_backend(name, **rest)
     "guidance": {"type": None, "rate": 1.0},
     "conditions": {                   # what each trajectory is conditioned on
@@ -37,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
         "num_steps": 4,               # N grid points, N-1 steps
         "num_points": 2,              # K
         "afs": True,
-        "scale_dir": 0.01,            # half-width of the direction-scale range; 0 disables (spec 2.2)
+        "scale_dir": 0.01,            # half-width of the direction-scale range; 0 disables (docs/authors-code.md §2.2)
         "scale_time": 0.0,
         "fcn": False,
         "max_order": 3,               # plugin only
@@ -57,7 +57,7 @@ DEFAULTS: dict[str, Any] = {
     "loss": {
         "steps": "auto",              # auto (authors' rule) | all | last
         "backprop": "trajectory",     # trajectory (authors: BPTT through the student) | step (detach per step)
-        "alpha": 10.0,                # weight of the final-step feature loss (spec 6.3)
+        "alpha": 10.0,                # weight of the final-step feature loss (docs/authors-code.md §6.3)
         "features": "data",           # data | inception | lpips
         "features_path": None,        # local weights for inception / lpips backbones
         "final": "features",          # features (authors: replaces the data loss) | features+data

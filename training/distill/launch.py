@@ -21,7 +21,7 @@ __all__ = ["main", "AUTHOR_FLAGS"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "distill"
 
-# The authors' train.py flag -> our config key (spec 6.1).
+# The authors' train.py flag -> our config key (docs/authors-code.md §6.1).
 AUTHOR_FLAGS = {
     "dataset_name": "dataset", "num_steps": "student.num_steps", "sampler_stu": "student.solver",
     "sampler_tea": "teacher.solver", "M": "teacher.M", "guidance_type": "guidance.type",
@@ -32,7 +32,7 @@ AUTHOR_FLAGS = {
     "outdir": "outdir", "desc": "name",
 }
 _SWITCHES = {"coslr": "optim.cosine", "fcn": "student.fcn"}
-_IGNORED = ("predict_x0", "lower_order_final")  # metadata only in the authors' code (spec 2.1)
+_IGNORED = ("predict_x0", "lower_order_final")  # metadata only in the authors' code (docs/authors-code.md §2.1)
 
 
 def _value(text: str) -> str:
@@ -83,14 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    import torch.distributed as dist
+    from backends.distributed import leave_process_group, rank_and_world
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank_and_world()[0] == 0:
         counts = table.eval_count()
         print(f"run folder: {folder}")
         print(f"table: {folder / 'table.pkl'} (NFE {counts.sequential} sequential, {counts.total} total)")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    leave_process_group()
     return 0
 
 

@@ -1,4 +1,4 @@
-"""The trainable form of a predictor table (spec 2.1-2.2).
+"""The trainable form of a predictor table (docs/authors-code.md §2.1-2.2).
 
 Four raw tensors ``[N-1, K]`` map to the effective rows a solver uses:
 
@@ -8,8 +8,8 @@ Four raw tensors ``[N-1, K]`` map to the effective rows a solver uses:
     a = 2 sigmoid(p_time / 2) s_t + 1 - s_t  time scales in (1 - s_t, 1 + s_t), only when s_t > 0
 
 ``init="random"`` draws every raw value from N(0, 1) as the authors do (unsorted positions, random weights,
-spec 9.19); ``"uniform"`` starts from fixed positions and equal weights (scales 1); a table starts from its
-own values through the inverse maps.
+docs/authors-code.md §9.19); ``"uniform"`` starts from fixed positions and equal weights (scales 1); a table starts from
+its own values through the inverse maps.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from solvers.plan import TableRows
 from solvers.table import PredictorTable
 
 __all__ = ["TableParameters"]
@@ -78,18 +79,19 @@ class TableParameters(nn.Module):
     def _scale(raw: torch.Tensor, half_width: float) -> torch.Tensor | None:
         return None if half_width <= 0 else 2 * torch.sigmoid(0.5 * raw) * half_width + (1 - half_width)
 
-    def row(self, n: int) -> dict[str, torch.Tensor | None]:
-        """Effective ``positions``, ``weights``, ``dir_scales``, ``time_scales`` of step ``n`` (``[K]``)."""
-        return {"positions": torch.sigmoid(self.r_params[n]), "weights": torch.softmax(self.weight_s[n], dim=-1),
-                "dir_scales": self._scale(self.scale_dir_params[n], self.scale_dir),
-                "time_scales": self._scale(self.scale_time_params[n], self.scale_time)}
+    def row(self, n: int) -> TableRows:
+        """Effective rows of step ``n`` (``[K]``): ``sigmoid(r)``, ``softmax(w)`` and the scale maps."""
+        return TableRows(torch.sigmoid(self.r_params[n]), torch.softmax(self.weight_s[n], dim=-1),
+                         self._scale(self.scale_dir_params[n], self.scale_dir),
+                         self._scale(self.scale_time_params[n], self.scale_time))
 
     @torch.no_grad()
     def effective(self) -> dict[str, np.ndarray | None]:
         """All rows as float64 arrays ``[N-1, K]`` (scales ``None`` when disabled)."""
         rows = [self.row(n) for n in range(self.num_rows)]
-        return {key: None if rows[0][key] is None else torch.stack([r[key] for r in rows]).double().cpu().numpy()
-                for key in rows[0]}
+        keys = ("positions", "weights", "dir_scales", "time_scales")
+        return {key: None if getattr(rows[0], key) is None
+                else torch.stack([getattr(r, key) for r in rows]).double().cpu().numpy() for key in keys}
 
     def to_table(self, sigmas: Any, *, solver: str = "epd", afs: bool = False, fcn: bool = False,
                  max_order: int | None = None, metadata: dict | None = None) -> PredictorTable:

@@ -29,10 +29,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from solvers.bench import same_sigma
+from solvers.evaluate import same_sigma
 from solvers.schedules import default_rho
 from solvers.table import PredictorTable, load_table, save_table
-from training.runs import atomic_text
+from safeio import atomic_text
 
 from .config import validate
 from .trainer import Distiller

@@ -1,4 +1,4 @@
-"""Teacher trajectories for Stage-1 distillation (spec 6.2), with an on-disk cache.
+"""Teacher trajectories for Stage-1 distillation (docs/authors-code.md §6.2), with an on-disk cache.
 
 The teacher integrates the same noise as the student on a finer grid of the **same family**: with ``M``
 intermediate steps per student interval it uses ``(M + 1)(N - 1) + 1`` points. Every family we build is
@@ -26,7 +26,7 @@ import torch
 from solvers.reference import solve_ode
 from solvers.registry import get_solver
 from solvers.schedules import ScheduleSpec, make_sigmas
-from solvers.table import atomic_write
+from safeio import atomic_write
 
 __all__ = ["teacher_grid", "teacher_states", "TeacherCache"]
 
@@ -63,7 +63,7 @@ def teacher_states(denoiser: Any, x_start: torch.Tensor, student_sigmas: Any, co
     """States ``[N-1, B, ...]`` of the teacher at the student's points ``sigma_1 .. sigma_{N-1}``.
 
     ``x_start`` is the initial state at ``sigma_0`` (noise times sigma_0, or the noise for flow matching).
-    The teacher never uses AFS (spec 6.2).
+    The teacher never uses AFS (docs/authors-code.md §6.2).
     """
     student = np.asarray(student_sigmas, dtype=np.float64)
     if solver == "reference":

@@ -1,6 +1,6 @@
-"""The Stage-1 distillation loop (spec 6): fit a predictor table to a teacher's trajectories.
+"""The Stage-1 distillation loop (docs/authors-code.md §6): fit a predictor table to a teacher's trajectories.
 
-Per iteration (one batch of trajectories, spec 6.2-6.3):
+Per iteration (one batch of trajectories, docs/authors-code.md §6.2-6.3):
 
 1. draw the batch's noise and conditions from per-trajectory seeds (so every rank draws different ones,
    a resumed run redraws the same ones, and training seeds never overlap evaluation seeds < 2^31);
@@ -12,10 +12,10 @@ Per iteration (one batch of trajectories, spec 6.2-6.3):
 4. under DDP the gradients are summed over ranks, so N ranks of B/N trajectories give the update of one
    process with B.
 
-Our losses are per-element means; the authors sum over C*H*W (spec 6.3) and their final feature loss is
-broadcast to the pixel shape (spec 9.23), so both of their terms carry the same C*H*W factor: the ratio of
-final to intermediate losses, hence ``alpha``, means the same in both codes. Only the overall scale differs,
-which Adam ignores up to its ``eps``.
+Our losses are per-element means; the authors sum over C*H*W (docs/authors-code.md §6.3) and their final feature loss is
+broadcast to the pixel shape (docs/authors-code.md §9.23), so both of their terms carry the same C*H*W factor: the ratio
+of final to intermediate losses, hence ``alpha``, means the same in both codes. Only the overall scale differs, which
+Adam ignores up to its ``eps``.
 
 Every ``validation.every`` iterations the table is scored on held-out trajectories against a converged reference
 (:mod:`training.distill.validation`); the best-scoring parameters become the table (``validation.select``), and
@@ -47,15 +47,16 @@ from tqdm.auto import tqdm
 
 from backends.base import check_backend
 from solvers.core import repeat_condition, seeded_noise
+from backends.distributed import join_process_group, rank_and_world, rank_device
+from backends.prompts import read_prompts
 from solvers.epd import epd_sampler_step
+from solvers.plan import StepPlan, plugin_order
 from solvers.schedules import ScheduleSpec, make_sigmas
 from solvers.table import PredictorTable, load_table, save_table
 
+from safeio import atomic_text
 from training import features as feature_losses
-from training.runs import atomic_text
-from training.runs import atomic_torch_save as _atomic_torch_save
-from training.runs import init_distributed as _init_distributed
-from training.runs import discard_run_on_failure, new_run_dir, open_run, rank_and_world, rank_device, truncate_log
+from training.runs import TRAIN_SEED_BASE, TrainingLoop, discard_run_on_failure, new_run_dir, open_run
 
 from .config import PIXEL_DATASETS, load_config
 from .params import TableParameters
@@ -64,9 +65,6 @@ from .validation import (ValidationSet, build_validation, candidate_schedules, c
                          comparison_lines)
 
 __all__ = ["Distiller", "train", "noise_seeds", "new_run_dir", "TRAIN_SEED_BASE"]
-
-# Training noise uses generator seeds in [2^31, 2^32): evaluation seeds below 2^31 are never trained on.
-TRAIN_SEED_BASE = 1 << 31
 
 
 def noise_seeds(seed: int, ids: torch.Tensor) -> list[int]:
@@ -83,7 +81,7 @@ class _Batch:
     targets: torch.Tensor      # [N-1, b, ...] teacher states at sigma_1 .. sigma_{N-1}
 
 
-class Distiller:
+class Distiller(TrainingLoop):
     """One distillation run. ``denoiser``/``backend`` may be injected (tests, custom models); otherwise the
     backend named in the config is loaded. Call :meth:`run`."""
 
@@ -93,6 +91,7 @@ class Distiller:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.stop_after = stop_after
+        self.desc = f"distill {config.name}"
         self.rank, self.world = rank_and_world()
         self.device = rank_device(config.device)
         # backend_from_config: a caller (the recipe search) loaded the config's backend once and shares it
@@ -124,7 +123,7 @@ class Distiller:
             raise ValueError(f"per-rank batch {self.per_rank} is not divisible by batch_gpu {self.micro}")
         self.iterations = math.ceil(float(config.total_kimg) * 1000 / batch)
         self.scheduler = None
-        if optim.cosine:  # the authors' T_max and absolute floor (spec 6.1, 9.27)
+        if optim.cosine:  # the authors' T_max and absolute floor (docs/authors-code.md §6.1, 9.27)
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 self.optimizer, T_max=int(float(config.total_kimg) * 1000) // batch + 1, eta_min=float(optim.eta_min))
         self.loss_steps = self._loss_steps()
@@ -181,7 +180,7 @@ class Distiller:
 
     def _loss_steps(self) -> set[int]:
         mode = self.config.loss.steps
-        if mode == "auto":  # the authors' hard-coded rule (spec 6.3, 9.24)
+        if mode == "auto":  # the authors' hard-coded rule (docs/authors-code.md §6.3, 9.24)
             last_only = (self.config.student.solver == "epd" and int(self.config.student.num_steps) < 6
                          and self.config.dataset in PIXEL_DATASETS)
             mode = "last" if last_only else "all"
@@ -200,22 +199,10 @@ class Distiller:
         cond = self.config.conditions
         if not cond.prompt_file:
             return None
-        path = Path(cond.prompt_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompt file not found: {path} (conditions.prompt_file)")
-        if cond.prompt_column:
-            import csv
-
-            with path.open(newline="") as handle:
-                rows = list(csv.DictReader(handle))
-            if not rows or cond.prompt_column not in rows[0]:
-                raise ValueError(f"{path}: no column {cond.prompt_column!r} (conditions.prompt_column)")
-            prompts = [row[cond.prompt_column] for row in rows]
-        else:
-            prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"{path}: no prompts")
-        return prompts
+        try:
+            return read_prompts(cond.prompt_file, cond.prompt_column or None)
+        except (FileNotFoundError, ValueError) as error:
+            raise type(error)(f"{error} (conditions.prompt_file)") from None
 
     def _cache(self) -> TeacherCache | None:
         root = self.config.teacher.cache
@@ -327,8 +314,14 @@ class Distiller:
                         p.grad = torch.zeros_like(p)
                     dist.all_reduce(p.grad)
         for p in self.params.parameters():
-            if p.grad is not None:  # the authors' guard (spec 6.3)
+            if p.grad is not None:  # the authors' guard (docs/authors-code.md §6.3)
                 torch.nan_to_num_(p.grad, nan=0.0, posinf=1e5, neginf=-1e5)
+
+    def step_plan(self) -> StepPlan:
+        """The student's steps: the run's grid, the differentiable rows and the table's flags (solvers.plan)."""
+        student = self.config.student
+        return StepPlan(self.sigmas, self.params.row, afs=bool(student.afs), fcn=bool(student.fcn),
+                        plugin_order=plugin_order(student.solver, int(student.max_order)))
 
     def train_iteration(self, iteration: int) -> dict:
         """One batch of trajectories: N-1 optimiser steps. Returns the log record."""
@@ -336,7 +329,7 @@ class Distiller:
         batches = [self._batch(ids) for ids in self.batch_ids(iteration).split(self.micro)]
         states = [b.x_start for b in batches]
         histories: list[list[torch.Tensor]] = [[] for _ in batches]
-        plugin_order = int(config.student.max_order) if config.student.solver == "ipndm" else 0
+        plan = self.step_plan()
         total_batch = float(config.batch)
         trajectory = config.loss.backprop == "trajectory"
         step_losses = []
@@ -345,15 +338,11 @@ class Distiller:
             last = n == self.num_rows - 1
             step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
             for c, batch in enumerate(batches):
-                row = self.params.row(n)
-                if config.student.fcn and last:
-                    row["dir_scales"] = None
                 x_in = states[c] if trajectory else states[c].detach()
                 history = histories[c] if trajectory else [h.detach() for h in histories[c]]
                 x_next, _, histories[c] = epd_sampler_step(
-                    self.backend, x_in, self.sigmas[n], self.sigmas[n + 1], cond=batch.cond,
-                    analytic=bool(config.student.afs) and n == 0, flow=self.flow, history=history,
-                    max_order=plugin_order, cond_repeated=batch.cond_repeated, **row)
+                    self.backend, x_in, plan.step(n), batch.cond, history=history, flow=self.flow,
+                    cond_repeated=batch.cond_repeated)
                 per_sample = self._step_loss(x_next, batch.targets[n], last)
                 loss = per_sample.sum() / total_batch
                 if n in self.loss_steps and loss.requires_grad:
@@ -379,42 +368,29 @@ class Distiller:
                 record[key] = values[key].tolist()
         return record
 
-    # -- run folder ------------------------------------------------------------------------------------------
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.run_dir / "checkpoint.pt"
+    # -- run folder (the loop itself is training.runs.TrainingLoop) -----------------------------------------------
+    def checkpoint_state(self, done: int) -> dict:
+        return {"iteration": done, "params": self.params.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+                "sigmas": self.sigmas, "best": self.best, "since_best": self.since_best}
 
-    def save_checkpoint(self, iteration: int) -> None:
-        if self.rank != 0:
-            return
-        _atomic_torch_save({"iteration": iteration, "params": self.params.state_dict(),
-                            "optimizer": self.optimizer.state_dict(),
-                            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
-                            "sigmas": self.sigmas, "best": self.best, "since_best": self.since_best},
-                           self.checkpoint_path)
-        if self.config.snapshot_tables:
-            save_table(self.table(), self.run_dir / f"table-{iteration:06d}.pkl")
+    def save_checkpoint(self, done: int) -> None:
+        super().save_checkpoint(done)
+        if self.rank == 0 and self.config.snapshot_tables:
+            save_table(self.table(), self.run_dir / f"table-{done:06d}.pkl")
 
-    def load_checkpoint(self) -> bool:
-        """Restore from ``checkpoint.pt`` if present; returns whether it did."""
-        if not self.checkpoint_path.is_file():
-            return False
-        saved = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
+    def load_checkpoint(self, map_location: Any = None) -> bool:
+        return super().load_checkpoint(self.device if map_location is None else map_location)
+
+    def restore(self, saved: dict) -> int:
         if not torch.allclose(saved["sigmas"].double().cpu(), self.sigmas):
             raise ValueError(f"{self.checkpoint_path}: saved grid differs from the config's grid")
         self.params.load_state_dict(saved["params"])
         self.optimizer.load_state_dict(saved["optimizer"])
         if self.scheduler is not None and saved["scheduler"] is not None:
             self.scheduler.load_state_dict(saved["scheduler"])
-        self.start_iteration = int(saved["iteration"])
         self.best, self.since_best = saved.get("best"), int(saved.get("since_best", 0))
-        self._truncate_log(self.start_iteration)
-        return True
-
-    def _truncate_log(self, iteration: int) -> None:
-        """Drop log lines written after the checkpoint (they will be written again)."""
-        if self.rank == 0:
-            truncate_log(self.run_dir / "log.jsonl", "iteration", iteration)
+        return int(saved["iteration"])
 
     def metadata(self, seconds: float | None = None, final_loss: float | None = None) -> dict:
         config = self.config
@@ -536,52 +512,40 @@ class Distiller:
                                       list(self.config.compare.solvers),
                                       alphas_cumprod=self.backend.alphas_cumprod)
 
-    # -- main loop ------------------------------------------------------------------------------------------
-    def run(self) -> PredictorTable:
-        """Train (resuming from ``checkpoint.pt`` if present) and write the final table."""
-        self.load_checkpoint()
+    # -- the loop's hooks (training.runs.TrainingLoop.run) --------------------------------------------------------
+    def before_loop(self, resumed: bool) -> None:
         if int(self.config.teacher.precompute) > 0:
             self.precompute_teacher()
-        log_path = self.run_dir / "log.jsonl"
-        bar = tqdm(total=self.iterations, initial=self.start_iteration, disable=not self.progress or self.rank != 0,
-                   desc=f"distill {self.config.name}", unit="it")
-        start = time.perf_counter()
-        record: dict = {}
-        for iteration in range(self.start_iteration, self.iterations):
-            tick = time.perf_counter()
-            record = self.train_iteration(iteration)
-            record["seconds"] = round(time.perf_counter() - tick, 4)
-            record["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            bar.set_postfix(loss=f"{record['loss']:.4g}", lr=f"{record['lr']:.3g}")
-            bar.update()
-            done = iteration + 1
-            val = self.config.validation
-            scored = int(val.num) > 0 and (done % int(val.every) == 0 or done == self.iterations)
-            if scored:
-                record["val_rmse"] = self.validate(done)
-                bar.set_postfix(loss=f"{record['loss']:.4g}", val=f"{record['val_rmse']:.4g}", lr=f"{record['lr']:.3g}")
-            if self.rank == 0:
-                with log_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-            patience = int(val.patience)
-            if scored and patience and self.since_best >= patience and done < self.iterations:
-                self.stopped_early = True
-            if done % int(self.config.checkpoint_every) == 0 or done == self.iterations or self.stopped_early:
-                self.save_checkpoint(done)
-            if self.stopped_early:
-                tqdm.write(f"validation RMSE has not improved for {patience} scores: stopping at iteration {done} "
-                           f"(best {self.best['rmse']:.4g} at iteration {self.best['iteration']})")
-                break
-            if self.stop_after is not None and done >= self.stop_after and done < self.iterations:
-                bar.close()
-                return self.table()
-        bar.close()
-        table = self.final_table(time.perf_counter() - start, record.get("loss"))
+
+    def score(self, done: int, record: dict) -> bool:
+        """Validation every ``validation.every`` iterations and at the end; True when patience runs out."""
+        val = self.config.validation
+        if int(val.num) <= 0 or not (done % int(val.every) == 0 or done == self.iterations):
+            return False
+        record["val_rmse"] = self.validate(done)
+        patience = int(val.patience)
+        if patience and self.since_best >= patience and done < self.iterations:
+            self.stopped_early = True
+            tqdm.write(f"validation RMSE has not improved for {patience} scores: stopping at iteration {done} "
+                       f"(best {self.best['rmse']:.4g} at iteration {self.best['iteration']})")
+        return self.stopped_early
+
+    def postfix(self, record: dict) -> dict:
+        shown = {"loss": f"{record['loss']:.4g}"}
+        if record.get("val_rmse") is not None:
+            shown["val"] = f"{record['val_rmse']:.4g}"
+        return {**shown, "lr": f"{record['lr']:.3g}"}
+
+    def checkpoints_after(self, done: int) -> bool:
+        return done % int(self.config.checkpoint_every) == 0
+
+    def finish(self, seconds: float, record: dict) -> PredictorTable:
+        table = self.final_table(seconds, record.get("loss"))
         if self.rank == 0:
-            self.finish(table)
+            self.write_results(table)
         return table
 
-    def finish(self, table: PredictorTable) -> None:
+    def write_results(self, table: PredictorTable) -> None:
         """Compare with the handcrafted solvers, write the table, its summary and plot (rank 0)."""
         comparison = self.compare(table)
         lines: list[str] = []
@@ -615,7 +579,7 @@ def train(config: DictConfig | str | Path, overrides: list[str] | None = None, *
     """Run a distillation: a new run folder under ``config.outdir``, or ``resume`` an existing one (its saved
     config is used). Works in one process or under ``torchrun`` (gloo on CPU, NCCL on GPU). With
     ``search.enabled`` the folder holds a recipe search (:mod:`training.distill.search`) instead."""
-    _init_distributed()
+    join_process_group()
     config, folder = open_run(config, overrides, resume, run_dir, load_config, lambda c: (c.outdir, c.name))
     if config.search.enabled:
         if dist.is_initialized():

@@ -7,11 +7,11 @@ benchmarks count up from 0). Its condition is drawn like a training trajectory's
 
 * ``reference.solver: reference``: the adaptive float64 Dormand-Prince solve at ``rtol`` (exact models);
 * any registry solver: ``steps`` steps of it on the logSNR grid in float64, checked against ``steps / 2``
-  (:func:`solvers.bench.fine_reference`), as the benchmark does for networks.
+  (:func:`solvers.evaluate.fine_reference`), as the benchmark does for networks.
 
 The error of a table is ``RMSE = sqrt(mean over trajectories and elements of (x_N - x_ref)^2)``, the benchmark's.
 :func:`compare_with_baselines` runs every registry baseline on every candidate grid at the table's sequential NFE
-and at its total evaluations, on the same trajectories, and keeps the best per NFE (:func:`solvers.bench.summarize`).
+and at its total evaluations, on the same trajectories, and keeps the best per NFE (:func:`solvers.evaluate.summarize`).
 References are cached on disk: every run of a recipe search scores against the same one.
 """
 
@@ -25,8 +25,8 @@ from typing import Any, Callable
 
 import torch
 
-from solvers.bench import (baseline_jobs, baseline_rows, cached_states, condition_rows, fine_reference, same_sigma,
-                           summarize, table_row, unique_sigmas)
+from solvers.evaluate import (baseline_jobs, baseline_rows, cached_states, condition_rows, fine_reference, same_sigma,
+                              summarize, table_row, unique_sigmas)
 from solvers.core import seeded_noise
 from solvers.reference import reference_solution
 from solvers.schedules import ScheduleSpec, default_rho
@@ -139,7 +139,7 @@ def compare_with_baselines(denoiser: Any, validation: ValidationSet, table: Any,
                            progress: Callable[[dict], None] | None = None) -> dict:
     """The table and every baseline (each on every grid of ``schedules``, at the table's sequential NFE and at its
     total evaluations) on the validation trajectories. Returns ``{"results": rows, "summary": ...}`` with the
-    table's row named ``"table"`` (:func:`solvers.bench.summarize`)."""
+    table's row named ``"table"`` (:func:`solvers.evaluate.summarize`)."""
     counts = table.eval_count()
     nfes = sorted({int(counts.sequential), int(counts.total)})
     specs = [replace(spec, sigma_min=float(table.sigmas[-1]), sigma_max=float(table.sigmas[0])) for spec in schedules]

@@ -1,10 +1,11 @@
-"""Leave-one-out (RLOO) advantages for prompt-major batches (spec 7.5).
+"""Leave-one-out (RLOO) advantages for prompt-major batches (docs/authors-code.md §7.5).
 
 A rank's batch holds G prompts, each ``k`` times in a row: ``[p0]*k + [p1]*k + ...`` (prompt-major).
 
 * ``grouped by prompt`` (default): ``A_n = R_n - mean of the other k-1 rewards of the same prompt``, so the
   baseline estimates how good the table is *for this prompt*, and prompt difficulty cancels out.
-* ``legacy_mixed`` (the authors', spec 7.5 / 9.35): the reward vector is viewed row-major as a ``k x G``
+* ``legacy_mixed`` (the authors', docs/authors-code.md §7.5 / 9.35): the reward vector is viewed row-major as a
+``k x G``
   matrix and leave-one-out runs down its columns, so the group of sample n is ``{n' : n' = n mod G}``: samples
   spaced G apart, which in prompt-major order mixes prompts (with B = 16, k = 4 the baseline comes entirely
   from other prompts). Kept for comparison.

@@ -1,4 +1,4 @@
-"""Cold start of the residual Dirichlet policy from a predictor table (spec 7.1).
+"""Cold start of the residual Dirichlet policy from a predictor table (docs/authors-code.md §7.1).
 
 A table row's positions ``0 < r_1 < ... < r_K < 1`` become K+1 simplex *segments*
 ``s = diff([0, r_1, ..., r_K, 1])`` (inverse ``r_k = sum_{j<=k} s_j``); its weights ``w`` already lie on the
@@ -60,7 +60,7 @@ def _as_rows(values: Any, name: str, shape: tuple[int, ...] | None = None) -> np
 
 def sanitize_rows(positions: Any, weights: Any, dir_scales: Any = None, time_scales: Any = None,
                   eps: float = 1e-6) -> SanitizedRows:
-    """Sort and clip table rows (spec 7.1 step 2, the authors' ``_sanitize_table_arrays``).
+    """Sort and clip table rows (docs/authors-code.md §7.1 step 2, the authors' ``_sanitize_table_arrays``).
 
     Each row's positions are sorted ascending, with its weights and scales permuted the same way; then, left to
     right, ``r_k <- clip(r_k, r_{k-1} + eps, 1 - eps (K - k + 1))`` with ``r_0 = 0`` (k = 1..K), which gives
@@ -110,7 +110,7 @@ def segments_to_positions(segments: Any) -> Any:
 
 @dataclass(frozen=True)
 class ColdStart:
-    """Dirichlet start parameters of a table (spec 7.1).
+    """Dirichlet start parameters of a table (docs/authors-code.md §7.1).
 
     ``alpha_pos [N-1, K+1]`` (segments), ``alpha_weight [N-1, K]``; ``dir_scales``/``time_scales [N-1, K]`` the
     start values of the scales (None when the table has none). ``table`` is the start table the alphas

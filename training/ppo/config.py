@@ -1,4 +1,4 @@
-"""RDPO settings (spec 7.7): defaults, YAML files with ``inherit:``, ``key=value`` overrides, checks.
+"""RDPO settings (docs/authors-code.md §7.7): defaults, YAML files with ``inherit:``, ``key=value`` overrides, checks.
 
 The section and key names are the authors' (``run``, ``data``, ``model``, ``reward``, ``ppo``, ``logging``), so
 their ``--override`` lines work. The grid, K and the schedule come from the start table (a table is only
@@ -59,9 +59,10 @@ DEFAULTS: dict[str, Any] = {
         "scale_std": 0.05,
         "train_scale_dir": None,               # null: model the scales the table has
         "train_scale_time": None,
-        "hidden": 128,                         # the authors' launch uses 128 x 2 (spec 9.38)
+        "hidden": 128,                         # the authors' launch uses 128 x 2 (docs/authors-code.md §9.38)
         "blocks": 2,
-        "legacy_mixed_baseline": False,        # the authors' RLOO groups that mix prompts (spec 7.5, 9.35)
+        # the authors' RLOO groups that mix prompts (docs/authors-code.md §7.5, 9.35)
+        "legacy_mixed_baseline": False,
         "standardize_advantages": True,
         "decode_rgb": True,                    # score decoded images (False: the raw states, analytic models)
     },
@@ -85,8 +86,8 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 
 def validate(config: DictConfig, check_files: bool = True) -> None:
-    """Types, ranges and files, with messages that name the setting (spec 7.7, without 9.39: only the files of
-    reward heads that are used are required, and that is the head's own check when it is built)."""
+    """Types, ranges and files, with messages that name the setting (docs/authors-code.md §7.7, without 9.39: only the
+    files of reward heads that are used are required, and that is the head's own check when it is built)."""
 
     def get(key: str) -> Any:
         return OmegaConf.select(config, key)

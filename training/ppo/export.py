@@ -1,5 +1,5 @@
-"""Export an RDPO run's policy as a predictor table (spec 7.8): the Dirichlet mean (the authors' choice) or
-mode, scale tables included, with all metadata. Works on a finished or an interrupted run.
+"""Export an RDPO run's policy as a predictor table (docs/authors-code.md §7.8): the Dirichlet mean (the authors'
+choice) or mode, scale tables included, with all metadata. Works on a finished or an interrupted run.
 
     python -m training.ppo.export exps/rdpo/00001-digits                      # -> RUN/export/table-mean-step000150.pkl
     python -m training.ppo.export RUN --kind mode --out my-table.pkl

@@ -1,4 +1,4 @@
-"""RDPO command line (spec 7.7), with the authors' flags.
+"""RDPO command line (docs/authors-code.md §7.7), with the authors' flags.
 
     python -m training.ppo.launch --config training/ppo/cfgs/digits.yaml
     torchrun --nproc_per_node=2 -m training.ppo.launch --config training/ppo/cfgs/sd15.yaml \\
@@ -35,7 +35,7 @@ def dry_run_report(config) -> list[str]:
                           f"{', '.join(available_rewards())}")
     from pathlib import Path
 
-    from training.rewards.weights import head_entries, resolve
+    from training.rewards.pretrained import head_entries, resolve
 
     absent = []
     for head in heads:

@@ -23,7 +23,7 @@ def plot_curves(runs: Sequence[tuple[str, str | Path]], out: str | Path, window:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from solvers.table import atomic_write
+    from safeio import atomic_write
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     for label, run_dir in runs:

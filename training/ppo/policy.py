@@ -1,4 +1,4 @@
-"""The residual Dirichlet policy of RDPO (spec 7.2) over EPD predictor tables.
+"""The residual Dirichlet policy of RDPO (docs/authors-code.md §7.2) over EPD predictor tables.
 
 The policy's only input is the step index, so it is a residual re-parameterisation of a per-step table:
 ``Embedding(N-1, H)`` -> ``blocks`` x ``h + Linear(SiLU(LayerNorm(h)))`` -> ``Linear(H, (K+1) + K [+2K] [+2K])``
@@ -22,7 +22,7 @@ Choices that differ from the authors (documented in :class:`DirichletPolicy`):
 * sampling takes an explicit ``torch.Generator``: Gamma variates come from ``torch._standard_gamma(...,
   generator=)`` and uniforms from ``torch.rand(..., generator=)``, so draws are reproducible and never touch
   the global RNG (``generator=None`` uses the global RNG, like torch).
-* export keeps the scales (the authors' export drops trained scale tables, spec 9.20).
+* export keeps the scales (the authors' export drops trained scale tables, docs/authors-code.md §9.20).
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from solvers.plan import TableRows
 from solvers.table import PredictorTable
 
 from .cold_start import ColdStart, sanitize_rows, segments_to_positions
@@ -140,14 +141,11 @@ class TableSample:
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> "TableSample":
         return self._map(lambda v: v.to(device=device, dtype=dtype))
 
-    def rows(self) -> dict[str, Tensor | None]:
-        """``positions``, ``weights``, ``dir_scales``, ``time_scales`` as ``[N-1, B, K]`` (None when absent): the
-        per-image table layout that :func:`solvers.epd.sample_epd` accepts."""
-        def rows(v: Tensor | None) -> Tensor | None:
-            return None if v is None else v.transpose(0, 1)
-
-        return {"positions": rows(self.positions), "weights": rows(self.weights),
-                "dir_scales": rows(self.dir_scales), "time_scales": rows(self.time_scales)}
+    def rows(self) -> TableRows:
+        """The per-image table rows ``[N-1, B, K]`` (:class:`solvers.plan.TableRows`) that a
+        :class:`solvers.plan.StepPlan` and :func:`solvers.epd.sample_epd` read."""
+        return TableRows(self.positions, self.weights, self.dir_scales, self.time_scales).map(
+            lambda v: v.transpose(0, 1))
 
 
 @dataclass
@@ -184,7 +182,7 @@ def _buffer(values: np.ndarray, dtype: torch.dtype = torch.float32) -> Tensor:
 
 
 class DirichletPolicy(nn.Module):
-    """The residual Dirichlet policy of RDPO (spec 7.2): input the step index only.
+    """The residual Dirichlet policy of RDPO (docs/authors-code.md §7.2): input the step index only.
 
     ``start``: the cold start (:func:`training.ppo.cold_start.cold_start`). ``hidden``/``blocks``: H and L (the
     authors' launch uses 128/2). ``scale_std``: the start std of the log-scales. Scales are modelled (sampled
@@ -360,13 +358,13 @@ class DirichletPolicy(nn.Module):
     def table(self, kind: str = "mean", eps: float = 1e-6) -> PredictorTable:
         """The policy's point-estimate table.
 
-        ``"mean"``: Dirichlet means (``positions = cumsum(alpha/sum)[:K]``, ``weights = alpha_w/sum``) and
-        LogNormal means ``exp(mu + s^2/2)`` (the authors' export, spec 7.8). ``"mode"``: Dirichlet modes
-        ``(alpha - 1)/(sum - n)`` on rows where every alpha > 1 (else that row's mean, listed in
+        ``"mean"``: Dirichlet means (``positions = cumsum(alpha/sum)[:K]``, ``weights = alpha_w/sum``) and LogNormal
+        means ``exp(mu + s^2/2)`` (the authors' export, docs/authors-code.md §7.8). ``"mode"``: Dirichlet modes ``(alpha
+        - 1)/(sum - n)`` on rows where every alpha > 1 (else that row's mean, listed in
         ``metadata["rdpo"]["mode_fallback_rows"]``) and LogNormal modes ``exp(mu - s^2)``: the joint density is a
         product, so this is the single most likely table in the table's own coordinates. Then sanitized
-        (:func:`sanitize_rows`); the start table's grid, solver flags and metadata are kept; scales not
-        modelled are carried over unchanged (fixing spec 9.20, where the authors' export drops scales).
+        (:func:`sanitize_rows`); the start table's grid, solver flags and metadata are kept; scales not modelled are
+        carried over unchanged (fixing docs/authors-code.md §9.20, where the authors' export drops scales).
         """
         if kind not in ("mean", "mode"):
             raise ValueError(f"DirichletPolicy.table: kind must be 'mean' or 'mode' (got {kind!r})")

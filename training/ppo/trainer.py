@@ -1,21 +1,22 @@
-"""The RDPO loop (spec 7.3-7.6): roll out per-image tables drawn from the Dirichlet policy, score the images,
-compute leave-one-out advantages, and take clipped PPO steps on the policy; the backbone is never touched.
+"""The RDPO loop (docs/authors-code.md §7.3-7.6): roll out per-image tables drawn from the Dirichlet policy, score the
+images, compute leave-one-out advantages, and take clipped PPO steps on the policy; the backbone is never touched.
 
 One PPO step on each rank:
 
 1. draw G = B/k prompts and B noise seeds from ``(seed, step, rank)``, so ranks see different prompts (the
-   authors' ranks all read the same ones, spec 9.36), a resumed run redraws the same ones, and training seeds
-   (>= 2^31) never overlap evaluation seeds;
+   authors' ranks all read the same ones, docs/authors-code.md §9.36), a resumed run redraws the same ones, and training
+   seeds (>= 2^31) never overlap evaluation seeds;
 2. sample a table for every image, ``segments ~ Dir(alpha_pos)``, ``weights ~ Dir(alpha_w)`` (scales ~
    LogNormal), keeping ``log pi_old``; integrate every image with its own table (the batched EPD sampler);
 3. decode and score: ``R = sum_h w_h norm_h(image, prompt) / sum_h max(w_h, 0)``;
 4. ``A = RLOO(R)`` grouped by prompt (or the authors' mixed groups), standardised;
 5. for each epoch and minibatch: ``ratio = exp(log pi_new - log pi_old)``,
-   ``L = mean max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) + kl_coef KL(pi || pi_start) - entropy_coef H``;
+   ``L = mean max(-A ratio, -A clip(ratio, 1 - eps, 1 + eps)) + kl_coef KL(pi || pi_start) - entropy_coef H``
+   (:func:`training.ppo.loss.ppo_loss`);
    gradients are averaged over ranks, the grad norm is logged before and after clipping, AdamW steps.
 
-The policy takes no image or prompt input (spec 9.43): it is a distribution over tables, the same for every
-image, and its mean is the table that gets exported.
+The policy takes no image or prompt input (docs/authors-code.md §9.43): it is a distribution over tables, the same for
+every image, and its mean is the table that gets exported.
 
 A run lives in ``<output_root>/<id>-<run_name>/``: ``config.yaml``, ``log.jsonl`` (one record per step),
 ``eval.jsonl`` (the mean table on held-out seeds and prompts), ``checkpoint.pt`` (atomic; a killed run resumes
@@ -25,8 +26,6 @@ from it and ends with the same policy), ``table-mean.pkl``/``.json``, ``table-mo
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -35,49 +34,26 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 
 from backends import backend_options, canonical_backend, load_backend, options_from_table
 from backends.base import check_backend
+from backends.distributed import join_process_group, rank_and_world, rank_device
 from backends.generate import Sampler, generate
 from solvers.core import parse_seeds
+from solvers.plan import StepPlan
 from solvers.table import PredictorTable, load_table, save_table
-from training.prompts import read_prompts
+from backends.prompts import read_prompts
 from training.rewards import reward_from_config
-from training.runs import (append_jsonl, atomic_torch_save, discard_run_on_failure, init_distributed, open_run,
-                           rank_and_world, rank_device, truncate_log)
+from training.runs import TRAIN_SEED_BASE, TrainingLoop, append_jsonl, discard_run_on_failure, open_run
 
 from .advantages import rloo_advantages
 from .cold_start import cold_start
 from .config import load_config
+from .loss import ppo_loss
 from .policy import DirichletPolicy, TableSample
 
-__all__ = ["RDPOTrainer", "train", "TRAIN_SEED_BASE", "BatchTable"]
+__all__ = ["RDPOTrainer", "train", "TRAIN_SEED_BASE"]
 
-TRAIN_SEED_BASE = 1 << 31
-
-
-@dataclass
-class BatchTable:
-    """Per-image tables in the layout :func:`solvers.epd.sample_epd` reads: rows ``[N-1, B, K]``."""
-
-    positions: torch.Tensor
-    weights: torch.Tensor
-    dir_scales: torch.Tensor | None
-    time_scales: torch.Tensor | None
-    sigmas: Any
-    solver: str = "epd"
-    afs: bool = False
-    fcn: bool = False
-    max_order: int | None = None
-
-    @classmethod
-    def from_sample(cls, sample: TableSample, start: PredictorTable, device: Any = None) -> "BatchTable":
-        rows = {k: None if v is None else v.to(device) for k, v in sample.rows().items()}
-        # Rollouts keep the start table's AFS flag, so the policy is trained for the sampler it is exported to
-        # (the authors force AFS off in rollouts whatever the table says, spec 9.37).
-        return cls(rows["positions"], rows["weights"], rows["dir_scales"], rows["time_scales"], start.sigmas,
-                   solver=start.solver, afs=start.afs, fcn=start.fcn, max_order=start.max_order)
 
 
 def _stream_seed(*parts: int) -> int:
@@ -87,7 +63,7 @@ def _stream_seed(*parts: int) -> int:
 
 
 def backend_spec(config: DictConfig, start_table: PredictorTable) -> tuple[str, dict]:
-    """The backend's name and loader options: the table's, then ``model.*`` on top (spec 7.7)."""
+    """The backend's name and loader options: the table's, then ``model.*`` on top (docs/authors-code.md §7.7)."""
     meta = start_table.metadata
     name = canonical_backend(config.model.backend or meta.get("backend") or "digits")
     table_backend = canonical_backend(meta["backend"]) if meta.get("backend") else None
@@ -121,8 +97,12 @@ def policy_table(policy: DirichletPolicy, config: DictConfig, start_table: Predi
     return table.with_metadata(**meta)
 
 
-class RDPOTrainer:
-    """One RDPO run. ``backend``/``reward`` may be injected (tests, custom models)."""
+class RDPOTrainer(TrainingLoop):
+    """One RDPO run. ``backend``/``reward`` may be injected (tests, custom models). Call :meth:`run`."""
+
+    log_key = "step"
+    logs = ("log.jsonl", "eval.jsonl")
+    unit = "step"
 
     def __init__(self, config: DictConfig, run_dir: str | Path, *, backend: Any = None, reward: Any = None,
                  progress: bool = True, stop_after: int | None = None):
@@ -130,6 +110,7 @@ class RDPOTrainer:
         self.run_dir = Path(run_dir)
         self.progress = progress
         self.stop_after = stop_after
+        self.desc = f"rdpo {config.run.run_name}"
         self.rank, self.world = rank_and_world()
         self.device = rank_device(config.run.device)
         ppo = config.ppo
@@ -157,12 +138,12 @@ class RDPOTrainer:
                                       scale_std=float(ppo.scale_std), train_scale_dir=ppo.train_scale_dir,
                                       train_scale_time=ppo.train_scale_time)
         # The policy is tiny: it lives on the CPU (its generator-seeded sampling stays device-independent); under
-        # torchrun its gradients go through gloo ("cpu:gloo,cuda:nccl", training.runs.init_distributed).
+        # torchrun its gradients go through gloo ("cpu:gloo,cuda:nccl", backends.distributed.join_process_group).
         self.optimizer = torch.optim.AdamW(self.policy.parameters(), lr=float(ppo.learning_rate),
                                            betas=tuple(float(b) for b in ppo.betas), eps=1e-8,
                                            weight_decay=float(ppo.weight_decay))
-        self.steps = int(ppo.steps)
-        self.start_step = 0
+        self.iterations = int(ppo.steps)
+        self.start_iteration = 0
 
     # -- setup --------------------------------------------------------------------------------------------------
     def _check_table(self) -> None:
@@ -213,8 +194,15 @@ class RDPOTrainer:
         generator = torch.Generator().manual_seed(_stream_seed(seed, step, self.rank, 0x5A))
         return prompts, noise_seeds, generator
 
-    def generate(self, tables: BatchTable | PredictorTable, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        """Images (decoded, in [-1, 1]) for per-image ``tables`` or one table."""
+    def rollout_plan(self, sample: TableSample) -> StepPlan:
+        """The sampled per-image rows on the start table's grid and flags. Rollouts keep the start table's AFS
+        flag, so the policy is trained for the sampler it is exported to (the authors force AFS off in
+        rollouts whatever the table says, docs/authors-code.md §9.37)."""
+        place = torch.device(self.backend.device)
+        return StepPlan.from_table(self.start_table, rows=sample.rows().map(lambda v: v.to(place)))
+
+    def generate(self, tables: StepPlan | PredictorTable, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        """Images (decoded, in [-1, 1]) for per-image ``tables`` (a plan) or one table."""
         return generate(self.backend, Sampler.from_table(tables), seeds, prompts, batch=len(seeds),
                         decode=bool(self.config.ppo.decode_rgb)).float()
 
@@ -230,7 +218,9 @@ class RDPOTrainer:
             dist.all_reduce(param.grad, op=dist.ReduceOp.SUM)
             param.grad /= self.world
 
-    def train_step(self, step: int) -> dict:
+    def train_iteration(self, step: int) -> dict:
+        """One PPO step: roll out per-image tables, score them, RLOO advantages, ``ppo.ppo_epochs`` epochs of
+        clipped minibatch updates (:func:`training.ppo.loss.ppo_loss`). Returns the log record."""
         ppo = self.config.ppo
         prompts, seeds, generator = self.draw(step)
         place = torch.device(self.backend.device)
@@ -241,7 +231,7 @@ class RDPOTrainer:
             sample, old_log_prob = self.policy.sample(self.batch, generator=generator)
         if not bool(torch.isfinite(old_log_prob).all()):
             raise FloatingPointError("non-finite log-probability of a sampled table")
-        images = self.generate(BatchTable.from_sample(sample, self.start_table, place), prompts, seeds)
+        images = self.generate(self.rollout_plan(sample), prompts, seeds)
         result = self._score(images, prompts)
         rewards = result.reward.detach().float().cpu()
         advantages = rloo_advantages(rewards, int(ppo.rloo_k), legacy_mixed=bool(ppo.legacy_mixed_baseline),
@@ -252,30 +242,23 @@ class RDPOTrainer:
                                                           "clip_fraction", "grad_norm", "grad_norm_clipped")}
         order_gen = torch.Generator().manual_seed(_stream_seed(int(self.config.run.seed), step, self.rank, 0xB0))
         minibatch = int(ppo.minibatch_size)
-        eps = float(ppo.clip_range)
         for _ in range(int(ppo.ppo_epochs)):
             order = torch.randperm(self.batch, generator=order_gen)
             for lo in range(0, self.batch - minibatch + 1, minibatch):
                 index = order[lo:lo + minibatch]
                 params = self.policy()
-                log_prob = self.policy.log_prob(sample.select(index), params)
-                ratio = torch.exp(log_prob - old_log_prob[index])
-                adv = advantages[index]
-                policy_loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps)).mean()
-                kl = self.policy.kl_to_base(params)
-                entropy = self.policy.entropy(params)
-                loss = policy_loss + float(ppo.kl_coef) * kl - float(ppo.entropy_coef) * entropy
+                objective = ppo_loss(self.policy.log_prob(sample.select(index), params), old_log_prob[index],
+                                     advantages[index], clip_range=float(ppo.clip_range),
+                                     kl=self.policy.kl_to_base(params), entropy=self.policy.entropy(params),
+                                     kl_coef=float(ppo.kl_coef), entropy_coef=float(ppo.entropy_coef))
                 self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                objective.loss.backward()
                 self._average_gradients()
                 norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(),
                                                       float(ppo.max_grad_norm) if ppo.max_grad_norm else math.inf)
                 clipped = min(float(norm), float(ppo.max_grad_norm)) if ppo.max_grad_norm else float(norm)
                 self.optimizer.step()
-                for key, value in (("loss", loss), ("policy_loss", policy_loss), ("kl", kl), ("entropy", entropy),
-                                   ("ratio", ratio.mean()),
-                                   ("clip_fraction", ((ratio - 1).abs() > eps).float().mean()),
-                                   ("grad_norm", norm)):
+                for key, value in (*objective._asdict().items(), ("grad_norm", norm)):
                     stats[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
                 stats["grad_norm_clipped"].append(clipped)
         record = {"step": step + 1, **{k: float(np.mean(v)) for k, v in stats.items() if v},
@@ -296,7 +279,7 @@ class RDPOTrainer:
     # -- evaluation, export ----------------------------------------------------------------------------------
     def table(self, kind: str = "mean", seconds: float | None = None) -> PredictorTable:
         """The policy's mean (or mode) table with the start table's metadata and the run's."""
-        return policy_table(self.policy, self.config, self.start_table, kind, steps=self.steps, seconds=seconds,
+        return policy_table(self.policy, self.config, self.start_table, kind, steps=self.iterations, seconds=seconds,
                             world=self.world)
 
     def evaluate(self, step: int) -> dict:
@@ -324,59 +307,37 @@ class RDPOTrainer:
         return {"step": step, "eval_reward_mean": float(totals[0]) / count,
                 **{f"eval_{n}_mean": float(v) / count for n, v in zip(names, totals[1:])}}
 
-    # -- checkpoints ---------------------------------------------------------------------------------------------
-    @property
-    def checkpoint_path(self) -> Path:
-        return self.run_dir / "checkpoint.pt"
+    # -- the loop's hooks (training.runs.TrainingLoop.run) --------------------------------------------------------
+    def checkpoint_state(self, done: int) -> dict:
+        return {"step": done, "policy": self.policy.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def save_checkpoint(self, step: int) -> None:
-        if self.rank == 0:
-            atomic_torch_save({"step": step, "policy": self.policy.state_dict(),
-                               "optimizer": self.optimizer.state_dict()}, self.checkpoint_path)
-
-    def load_checkpoint(self) -> bool:
-        if not self.checkpoint_path.is_file():
-            return False
-        saved = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+    def restore(self, saved: dict) -> int:
         self.policy.load_state_dict(saved["policy"])
         self.optimizer.load_state_dict(saved["optimizer"])
-        self.start_step = int(saved["step"])
-        if self.rank == 0:
-            truncate_log(self.run_dir / "log.jsonl", "step", self.start_step)
-            truncate_log(self.run_dir / "eval.jsonl", "step", self.start_step)
-        return True
+        return int(saved["step"])
 
-    # -- main loop ---------------------------------------------------------------------------------------------
-    def run(self) -> PredictorTable:
-        """Train (resuming from ``checkpoint.pt`` if present), then write the mean and mode tables."""
-        resumed = self.load_checkpoint()
-        log, eval_log = self.run_dir / "log.jsonl", self.run_dir / "eval.jsonl"
-        interval = int(self.config.eval.interval)
+    def before_loop(self, resumed: bool) -> None:
         if not resumed:
-            self._log_eval(eval_log, self.evaluate(0))
-        bar = tqdm(total=self.steps, initial=self.start_step, disable=not self.progress or self.rank != 0,
-                   desc=f"rdpo {self.config.run.run_name}", unit="step")
-        start = time.perf_counter()
-        for step in range(self.start_step, self.steps):
-            tick = time.perf_counter()
-            record = self.train_step(step)
-            record["seconds"] = round(time.perf_counter() - tick, 4)
-            record["time"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-            done = step + 1
-            if self.rank == 0 and (done % int(self.config.logging.log_interval) == 0 or done == self.steps):
-                append_jsonl(log, record)
-            bar.set_postfix(reward=f"{record['reward_mean']:.4f}", kl=f"{record['kl']:.3g}")
-            bar.update()
-            if interval and done % interval == 0 and done != self.steps:
-                self._log_eval(eval_log, self.evaluate(done))
-            if done % int(self.config.logging.save_interval) == 0 or done == self.steps:
-                self.save_checkpoint(done)
-            if self.stop_after is not None and done >= self.stop_after and done < self.steps:
-                bar.close()
-                return self.table()
-        bar.close()
-        self._log_eval(eval_log, self.evaluate(self.steps))
-        seconds = time.perf_counter() - start
+            self._log_eval(self.evaluate(0))
+
+    def score(self, done: int, record: dict) -> bool:
+        interval = int(self.config.eval.interval)
+        if interval and done % interval == 0 and done != self.iterations:
+            self._log_eval(self.evaluate(done))
+        return False
+
+    def postfix(self, record: dict) -> dict:
+        return {"reward": f"{record['reward_mean']:.4f}", "kl": f"{record['kl']:.3g}"}
+
+    def logs_record(self, done: int) -> bool:
+        return done % int(self.config.logging.log_interval) == 0 or done == self.iterations
+
+    def checkpoints_after(self, done: int) -> bool:
+        return done % int(self.config.logging.save_interval) == 0
+
+    def finish(self, seconds: float, record: dict) -> PredictorTable:
+        """The last evaluation, then the mean and mode tables, the export and the plot (rank 0)."""
+        self._log_eval(self.evaluate(self.iterations))
         table = self.table("mean", seconds)
         if self.rank == 0:
             save_table(table, self.run_dir / "table-mean.pkl")
@@ -389,9 +350,9 @@ class RDPOTrainer:
             plot_run(self.run_dir)
         return table
 
-    def _log_eval(self, path: Path, record: dict) -> None:
+    def _log_eval(self, record: dict) -> None:
         if self.rank == 0:
-            append_jsonl(path, record)
+            append_jsonl(self.run_dir / "eval.jsonl", record)
 
 
 def train(config: DictConfig | str | Path, overrides: list[str] | None = None, *, resume: str | Path | None = None,
@@ -399,7 +360,7 @@ def train(config: DictConfig | str | Path, overrides: list[str] | None = None, *
           stop_after: int | None = None) -> tuple[PredictorTable, Path]:
     """Run RDPO: a new run folder under ``run.output_root``, or ``resume`` an existing one (its saved config is
     used). One process, or ``torchrun`` (gloo on CPU, NCCL on GPU)."""
-    init_distributed()
+    join_process_group()
     config, folder = open_run(config, overrides, resume, run_dir, load_config,
                               lambda c: (c.run.output_root, c.run.run_name))
     with discard_run_on_failure(folder, fresh=resume is None and run_dir is None):

@@ -1,4 +1,4 @@
-"""Reward heads for Stage 2 (RDPO): one registry, built by name, mixed as in spec 7.4.
+"""Reward heads for Stage 2 (RDPO): one registry, built by name, mixed as in docs/authors-code.md §7.4.
 
 Importing this package registers the built-in heads by importing their modules (listed in
 ``_BUILTIN_MODULES``). Those modules must stay light at import time: heavy dependencies (open_clip,

@@ -1,4 +1,5 @@
-"""CLIP-score and LAION-aesthetic reward heads (spec 7.4, 8.5), on OpenAI CLIP ViT-L/14 from a local folder.
+"""CLIP-score and LAION-aesthetic reward heads (docs/authors-code.md §7.4, 8.5), on OpenAI CLIP ViT-L/14 from a
+local folder.
 
 * ``clip``: ``score = cos(E_img(x), E_txt(p))``, the cosine of the projected CLIP image and text embeddings
   (text truncated to 77 tokens: ``<bos>`` + 75 tokens + ``<eos>``); ``normalise(s) = clamp(s, 0, 1)``.
@@ -11,7 +12,7 @@ The CLIP model is ``transformers.CLIPModel`` + ``CLIPTokenizer`` loaded with ``l
 local copy of ``openai/clip-vit-large-patch14`` (https://huggingface.co/openai/clip-vit-large-patch14); one copy
 per ``(folder, device)`` is cached and shared by both heads (:func:`clear_cache` forgets them). Image
 preprocessing is the original OpenAI CLIP transform that ImageReward's ``CLIPScore`` and the LAION predictor use
-(:func:`training.rewards.hps.clip_preprocess`: uint8 with rounding, PIL bicubic resize of the short side, center
+(:func:`training.rewards.common.clip_preprocess`: uint8 with rounding, PIL bicubic resize of the short side, center
 crop, CLIP mean/std), with the size, crop, mean, std and resampling read from the folder's
 ``preprocessor_config.json`` (CLIP defaults when absent). The predictor file ``sac+logos+ava1-l14-linearMSE.pth``
 (https://github.com/christophschuhmann/improved-aesthetic-predictor) is a state dict ``layers.{0,2,4,6,7}.
@@ -33,8 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.rewards.hps import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, _amp_dtype, _check_weights_path,
-                                  autocast_context, clip_preprocess, images_to_uint8, resolve_device)
+from training.rewards.common import (OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, autocast_context, check_batch_size,
+                                     check_weights_path, clip_preprocess, images_to_uint8, load_weights_only,
+                                     parse_amp_dtype, resolve_device)
 from training.rewards.registry import register_reward, score_in_chunks
 
 __all__ = ["CLIPBundle", "CLIPScoreHead", "AestheticHead", "AestheticMLP", "load_clip_bundle",
@@ -72,6 +74,16 @@ class CLIPBundle:
         out = self.model.vision_model(pixel_values=pixels)
         pooled = out.pooler_output if hasattr(out, "pooler_output") else out[1]
         return self.model.visual_projection(pooled)
+
+    def embed(self, images: torch.Tensor, prompts: Sequence[str] | None, *, truncate: bool, amp: bool,
+              amp_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(image_embeds, text_embeds or None)`` of images in ``[-1, 1]`` (and prompts), the towers under
+        :func:`autocast_context`."""
+        pixels = self.pixels(images, truncate)
+        with autocast_context(self.device, amp, amp_dtype):
+            img = self.image_embeds(pixels)
+            txt = None if prompts is None else self.text_embeds(prompts)
+        return img, txt
 
     def text_embeds(self, prompts: Sequence[str]) -> torch.Tensor:
         """Projected text embeddings ``[B, d]`` of prompts truncated to ``max_length`` tokens."""
@@ -154,7 +166,20 @@ def clear_cache() -> None:
         _BUNDLES.clear()
 
 
-class CLIPScoreHead:
+class _CLIPBundleHead:
+    """What both CLIP heads share: the autocast / uint8 / chunk options and the embeddings of a chunk."""
+
+    bundle: CLIPBundle
+
+    def _set_options(self, amp: bool, amp_dtype: str | torch.dtype, truncate: bool, batch_size: int) -> None:
+        self.amp, self.amp_dtype = bool(amp), parse_amp_dtype(amp_dtype)
+        self.truncate, self.batch_size = bool(truncate), batch_size
+
+    def _embed(self, images: torch.Tensor, prompts: Sequence[str] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.bundle.embed(images, prompts, truncate=self.truncate, amp=self.amp, amp_dtype=self.amp_dtype)
+
+
+class CLIPScoreHead(_CLIPBundleHead):
     """CLIP score: ``cos(E_img, E_txt)`` of OpenAI CLIP ViT-L/14; ``normalise = clamp(., 0, 1)``."""
 
     name = "clip"
@@ -162,20 +187,15 @@ class CLIPScoreHead:
     def __init__(self, weights_path: str | Path | None = None, *, device: str | torch.device = "auto",
                  amp: bool = True, amp_dtype: str | torch.dtype = "float16", truncate: bool = False,
                  batch_size: int = 8):
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = check_batch_size(batch_size)
         self.bundle = load_clip_bundle(weights_path, device)
-        self.amp, self.amp_dtype = bool(amp), _amp_dtype(amp_dtype)
-        self.truncate, self.batch_size = bool(truncate), int(batch_size)
+        self._set_options(amp, amp_dtype, truncate, batch_size)
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Cosine similarities ``[B]`` (float32, CPU)."""
         def chunk(part: torch.Tensor, texts: list[str]) -> torch.Tensor:
-            pixels = self.bundle.pixels(part, self.truncate)
-            with autocast_context(self.bundle.device, self.amp, self.amp_dtype):
-                img = self.bundle.image_embeds(pixels)
-                txt = self.bundle.text_embeds(texts)
+            img, txt = self._embed(part, texts)
             return (F.normalize(img.float(), dim=-1) * F.normalize(txt.float(), dim=-1)).sum(-1)
 
         return score_in_chunks(images, prompts, self.batch_size, chunk)
@@ -212,11 +232,7 @@ def load_aesthetic_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     ``{"state_dict": ...}``) and map keys ``<prefix>layers.N.weight`` / ``<prefix>N.weight`` to
     ``layers.N.weight``; all keys must share one prefix."""
     path = Path(path)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"could not read {path} with torch.load(weights_only=True): {exc}. Only files of plain "
-                         f"tensors are accepted; pickled code is never executed.") from exc
+    blob = load_weights_only(path, "files")
     state = blob.get("state_dict", blob) if isinstance(blob, Mapping) else None
     if not isinstance(state, Mapping) or not state:
         raise ValueError(f"{path} holds no state dict")
@@ -233,7 +249,7 @@ def load_aesthetic_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return out
 
 
-class AestheticHead:
+class AestheticHead(_CLIPBundleHead):
     """LAION aesthetic v2: ``MLP(e / |e|)`` with ``e`` the projected CLIP image embedding; ``normalise =
     clamp(score / 10, 0, 1)``. The MLP input size follows the CLIP projection dim (768 for ViT-L/14)."""
 
@@ -242,9 +258,8 @@ class AestheticHead:
     def __init__(self, weights_path: str | Path | None = None, *, clip_path: str | Path | None = None,
                  device: str | torch.device = "auto", amp: bool = True, amp_dtype: str | torch.dtype = "float16",
                  truncate: bool = False, batch_size: int = 32):
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        path = _check_weights_path(weights_path, "the aesthetic predictor", AESTHETIC_FILE, AESTHETIC_URL)
+        batch_size = check_batch_size(batch_size)
+        path = check_weights_path(weights_path, "the aesthetic predictor", AESTHETIC_FILE, AESTHETIC_URL)
         self.bundle = load_clip_bundle(clip_path, device)
         dim = int(self.bundle.model.config.projection_dim)
         mlp = AestheticMLP(dim)
@@ -254,16 +269,13 @@ class AestheticHead:
             raise ValueError(f"{path} does not fit the aesthetic MLP with input size {dim}: {exc}") from exc
         self.mlp = mlp.to(self.bundle.device).eval().requires_grad_(False)
         self.weights_path = path
-        self.amp, self.amp_dtype = bool(amp), _amp_dtype(amp_dtype)
-        self.truncate, self.batch_size = bool(truncate), int(batch_size)
+        self._set_options(amp, amp_dtype, truncate, batch_size)
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Predicted aesthetic scores ``[B]`` (float32, CPU); the prompts are not used."""
         def chunk(part: torch.Tensor, texts: list[str]) -> torch.Tensor:
-            pixels = self.bundle.pixels(part, self.truncate)
-            with autocast_context(self.bundle.device, self.amp, self.amp_dtype):
-                emb = self.bundle.image_embeds(pixels)
+            emb, _ = self._embed(part, None)
             return self.mlp(F.normalize(emb.float(), dim=-1))[:, 0]
 
         return score_in_chunks(images, prompts, self.batch_size, chunk)

@@ -1,4 +1,4 @@
-"""FID and KID on FID-Inception-v3 pool features, for any number of images (spec 9.33 is fixed).
+"""FID and KID on FID-Inception-v3 pool features, for any number of images (docs/authors-code.md §9.33 is fixed).
 
     python -m training.ppo.scripts.score_fid --images samples/sd15 --ref refs/coco-val.npz
     python -m training.ppo.scripts.score_fid --images samples/sd15 --ref data/coco-val-images --kid
@@ -11,12 +11,9 @@
 * Reference: a ``.npz`` with ``mu`` and ``sigma`` (pytorch-fid ``--save-stats``, EDM ``fid.py ref``; optionally
   ``features`` for KID, written with ``--save-features``), or a folder of images. EDM's references come from its
   own Inception pickle and resizer, so they differ slightly from these features; compare like with like.
-* FID = ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrt(S1 S2))``. :func:`frechet_distance` is the standard computation
-  (``scipy.linalg.sqrtm``, eps-regularised retry when the product is singular, tiny imaginary parts dropped).
-  When one side has its features and fewer samples than dimensions (``n < 2048``: every run below 2048
-  images), :func:`fid_from_features` uses the exact low-rank identity ``Tr sqrt(S1 S2) = sum_i sqrt(l_i)``
-  with ``l_i`` the eigenvalues of the ``n x n`` matrix ``A S2 A^T / (n - 1)`` (``A`` the centred features):
-  same value, no ``2048 x 2048`` square root, no imaginary parts.
+* FID = ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrt(S1 S2))``, computed by :mod:`solvers.frechet` (re-exported
+  here as :func:`frechet_distance`, :func:`statistics_from_features` and :func:`fid_from_features`): scipy's
+  ``sqrtm`` as pytorch-fid, or the exact low-rank form when fewer than 2048 images are scored.
 * KID: unbiased MMD^2 with the kernel ``k(x, y) = (x.y / d + 1)^3``, averaged over 100 random subsets of
   ``min(1000, n_gen, n_ref)`` samples of each set, with the standard deviation over subsets.
 """
@@ -29,18 +26,18 @@ import json
 import os
 import sys
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-from scipy import linalg
 
-from solvers.table import atomic_write
+from safeio import atomic_write
+from solvers.frechet import feature_frechet_distance as fid_from_features
+from solvers.frechet import frechet_distance, statistics_from_features
 from training.rewards.score_cli import iter_image_batches, list_images, write_json
-from training.rewards.weights import resolve
+from training.rewards.pretrained import resolve
 
 __all__ = ["Reference", "compute_features", "statistics_from_features", "compute_statistics", "save_statistics",
            "load_statistics", "load_reference", "frechet_distance", "fid_from_features", "kernel_inception_distance",
@@ -103,14 +100,6 @@ def compute_features(source: "str | os.PathLike | Sequence[str | os.PathLike] | 
     return np.concatenate(parts, axis=0)
 
 
-def statistics_from_features(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(mu [D], sigma [D, D])``: the mean and the unbiased covariance (``np.cov``), as pytorch-fid."""
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or features.shape[0] < 2:
-        raise ValueError(f"FID statistics need at least 2 feature vectors [N, D], got shape {features.shape}")
-    return features.mean(axis=0), np.cov(features, rowvar=False)
-
-
 def compute_statistics(source: "str | os.PathLike | Sequence[str | os.PathLike] | torch.Tensor",
                        weights_path: str | os.PathLike | None = None, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     """``(mu, sigma)`` of a folder, a list of files or a tensor (arguments of :func:`compute_features`)."""
@@ -160,65 +149,6 @@ def load_reference(ref: str | os.PathLike, weights_path: str | os.PathLike | Non
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
     return Reference(mu, sigma, feats, None if feats is None else feats.shape[0], str(path))
-
-
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
-    """The standard Frechet distance of two Gaussians (pytorch-fid's ``calculate_frechet_distance``)."""
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.shape[0],) * 2:
-        raise ValueError(f"shapes do not match: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}")
-    diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1.dot(sigma2))
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"FID: the product of the covariances is singular; adding {eps} to their diagonals",
-                      RuntimeWarning, stacklevel=2)
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
-    if np.iscomplexobj(covmean):
-        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise ValueError(f"FID: imaginary component {np.max(np.abs(covmean.imag)):.3g} in sqrt(S1 S2)")
-        covmean = covmean.real
-    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
-
-
-def _trace_sqrt_low_rank(features: np.ndarray, sigma_other: np.ndarray) -> tuple[float, float, np.ndarray]:
-    """``(Tr sqrt(S1 S2), Tr S1, mu1)`` with ``S1`` the covariance of ``features`` (exact for any ``n``)."""
-    features = np.asarray(features, dtype=np.float64)
-    n = features.shape[0]
-    mu = features.mean(axis=0)
-    centred = features - mu
-    gram = centred @ sigma_other @ centred.T / (n - 1)
-    eig = np.linalg.eigvalsh((gram + gram.T) / 2)
-    return float(np.sqrt(np.clip(eig, 0, None)).sum()), float((centred * centred).sum() / (n - 1)), mu
-
-
-def fid_from_features(features: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray,
-                      ref_features: np.ndarray | None = None, method: str = "auto") -> float:
-    """FID of ``features [N, D]`` against a reference.
-
-    ``method="auto"``: the exact low-rank form when a side with features has ``N < D`` (fast, no imaginary parts),
-    else :func:`frechet_distance`; ``"sqrtm"``: always :func:`frechet_distance`.
-    """
-    if method not in ("auto", "sqrtm"):
-        raise ValueError(f"method must be 'auto' or 'sqrtm', got {method!r}")
-    features = np.asarray(features, dtype=np.float64)
-    mu, sigma = statistics_from_features(features)
-    mu_ref, sigma_ref = np.asarray(mu_ref, np.float64), np.asarray(sigma_ref, np.float64)
-    if mu.shape != mu_ref.shape:
-        raise ValueError(f"feature size {mu.shape[0]} does not match the reference's {mu_ref.shape[0]}")
-    dim = mu.shape[0]
-    if method == "auto":
-        if features.shape[0] < dim:
-            tr_sqrt, tr_own, _ = _trace_sqrt_low_rank(features, sigma_ref)
-            diff = mu - mu_ref
-            return float(diff.dot(diff) + tr_own + np.trace(sigma_ref) - 2 * tr_sqrt)
-        if ref_features is not None and np.asarray(ref_features).shape[0] < dim:
-            tr_sqrt, tr_ref, _ = _trace_sqrt_low_rank(ref_features, sigma)
-            diff = mu - mu_ref
-            return float(diff.dot(diff) + np.trace(sigma) + tr_ref - 2 * tr_sqrt)
-    return frechet_distance(mu, sigma, mu_ref, sigma_ref)
 
 
 def kernel_inception_distance(features: np.ndarray, ref_features: np.ndarray, num_subsets: int = 100,

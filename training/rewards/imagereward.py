@@ -1,4 +1,5 @@
-"""ImageReward v1.0 reward head (spec 7.4, 8.5, 9.40): ``imagereward``, a BLIP image-text model plus an MLP.
+"""ImageReward v1.0 reward head (docs/authors-code.md §7.4, 8.5, 9.40): ``imagereward``, a BLIP image-text model
+plus an MLP.
 
 The model is written here in plain torch (no ImageReward/BLIP package needed) with BLIP's parameter layout:
 
@@ -18,7 +19,7 @@ the hidden state of its first token goes through the MLP, giving ``reward``; the
 ``std = 1.0333394966054072``. ``enc_token=True`` puts ``[ENC]`` in place of ``[CLS]`` (BLIP's retrieval
 training does this; ImageReward's inference, as we understand it, does not).
 
-Offset (spec 9.40): the authors' vendored copy adds ``3 * std`` (= 3.1000) to every score and their
+Offset (docs/authors-code.md §9.40): the authors' vendored copy adds ``3 * std`` (= 3.1000) to every score and their
 ``reward_multi`` divides that by 10. By default the raw score here is the **published** one (no offset);
 ``authors_offset=True`` adds ``AUTHORS_OFFSET = 3 * std`` to it (what their ``score_imagereward`` CLI
 reports). ``normalise`` is ``clamp((score + 3 * std) / 10, 0, 1)`` with the offset added only when the raw
@@ -43,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.rewards.pickscore import images_to_pil
+from training.rewards.common import (BICUBIC, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, autocast_context, clip_preprocess,
+                                     images_to_rgb_uint8, resolve_device)
 from training.rewards.registry import prompts_for, register_reward
 
 __all__ = ["ImageRewardConfig", "ImageRewardModel", "BlipVisionEncoder", "BlipTextEncoder", "RewardMLP",
@@ -56,8 +58,8 @@ IMAGEREWARD_MEAN = 0.16717362830052426
 IMAGEREWARD_STD = 1.0333394966054072
 AUTHORS_OFFSET = 3 * IMAGEREWARD_STD
 NORMALISE_SCALE = 10.0
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+CLIP_MEAN = OPENAI_CLIP_MEAN
+CLIP_STD = OPENAI_CLIP_STD
 IMAGEREWARD_REPO = "THUDM/ImageReward"
 TOKENIZER_REPO = "google-bert/bert-base-uncased"
 MLP_HIDDEN = (1024, 128, 64, 16)
@@ -413,30 +415,10 @@ def load_blip_tokenizer(path: str | Path):
 
 def imagereward_preprocess(images: torch.Tensor, image_size: int = 224, square_resize: bool = False) -> torch.Tensor:
     """``[B, C, H, W]`` in ``[-1, 1]`` -> ``[B, 3, S, S]`` float32: uint8 by rounding, PIL bicubic resize of the
-    short side to ``S`` and centre crop (or straight to ``S x S``), ``/ 255``, OpenAI CLIP mean/std."""
-    import numpy as np
-    from PIL import Image
-
-    out = []
-    for image in images_to_pil(images):
-        w, h = image.size
-        if square_resize:
-            size = (image_size, image_size)
-        elif w <= h:
-            size = (image_size, int(image_size * h / w))
-        else:
-            size = (int(image_size * w / h), image_size)
-        if size != (w, h):
-            image = image.resize(size, Image.BICUBIC)
-        left = int(round((size[0] - image_size) / 2.0))
-        top = int(round((size[1] - image_size) / 2.0))
-        if size != (image_size, image_size):
-            image = image.crop((left, top, left + image_size, top + image_size))
-        out.append(torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1))
-    pixels = torch.stack(out).float() / 255
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    return (pixels - mean) / std
+    short side to ``S`` and centre crop (or straight to ``S x S``), ``/ 255``, OpenAI CLIP mean/std
+    (:func:`training.rewards.common.clip_preprocess` of :func:`~training.rewards.common.images_to_rgb_uint8`)."""
+    return clip_preprocess(images_to_rgb_uint8(images).numpy(), image_size, image_size, CLIP_MEAN, CLIP_STD,
+                           BICUBIC, square=square_resize)
 
 
 # -- the head -------------------------------------------------------------------------------------------------
@@ -458,8 +440,7 @@ class ImageRewardHead:
         state = load_imagereward_state_dict(weights_path)
         model = ImageRewardModel(self.config)
         self.ignored_keys = load_official_weights(model, state)
-        self.device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval().requires_grad_(False)
         self.amp = bool(amp)
         self.authors_offset = bool(authors_offset)
@@ -481,9 +462,8 @@ class ImageRewardHead:
         prompts = prompts_for(images, prompts)
         pixels = imagereward_preprocess(images, self.config.image_size, self.square_resize).to(self.device)
         input_ids, attention_mask = (t.to(self.device) for t in self.tokenize(prompts))
-        use_amp = self.amp and self.device.type == "cuda"
         with torch.inference_mode():
-            with torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+            with autocast_context(self.device, self.amp):
                 features = self.model.text_features(pixels, input_ids, attention_mask)
             reward = self.model.mlp(features.float())[:, 0].double()
         score = (reward - IMAGEREWARD_MEAN) / IMAGEREWARD_STD

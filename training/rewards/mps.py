@@ -1,10 +1,10 @@
 """MPS reward head (Multi-dimensional Preference Score, Zhang et al., CVPR 2024; github.com/Kwai-Kolors/MPS).
 
-Weights: tensor-only, never a pickled model. The authors load ``MPS_overall_checkpoint.pth`` with
-``torch.load(..., weights_only=False)``: the file is a whole pickled model, so loading it runs code stored in the
-file (spec 8.5, 9.18). This module refuses such files. It reads only a tensor-only state dict, made **once**, in a
-trusted and isolated environment (a throw-away container or VM with the MPS code on the path and no credentials),
-from the published checkpoint::
+Weights: tensor-only, never a pickled model. The authors load ``MPS_overall_checkpoint.pth`` with ``torch.load(...,
+weights_only=False)``: the file is a whole pickled model, so loading it runs code stored in the file
+(docs/authors-code.md §8.5, 9.18). This module refuses such files. It reads only a tensor-only state dict, made
+**once**, in a trusted and isolated environment (a throw-away container or VM with the MPS code on the path and no
+credentials), from the published checkpoint::
 
     import torch
     m = torch.load("MPS_overall_checkpoint.pth", map_location="cpu", weights_only=False)  # runs the pickle
@@ -45,11 +45,12 @@ Choices and what is not verified:
   with another structure cannot load silently. ``*.embeddings.position_ids`` entries of older transformers are
   accepted and dropped.
 * ``normalise(s) = clamp(s / 26, 0, 1)`` (``scale``) is this repository's choice, by analogy with PickScore; the
-  authors never mix MPS into the RDPO reward (it is an evaluation metric, spec 8.5).
+  authors never mix MPS into the RDPO reward (it is an evaluation metric, docs/authors-code.md §8.5).
 
 Images ``[B, C, H, W]`` in ``[-1, 1]`` become uint8 by rounding and go through the CLIP image processor as PIL
-images (the PickScore helpers). Scoring is batched (``batch_size``, 4 by default as the authors' CLI), under fp16
-autocast on CUDA when ``amp`` and in float32 on the CPU; scores are float32 on the CPU, computed without grad.
+images (:func:`training.rewards.common.images_to_pil`, as PickScore). Scoring is batched (``batch_size``, 4 by
+default as the authors' CLI), under fp16 autocast on CUDA when ``amp`` and in float32 on the CPU; scores are
+float32 on the CPU, computed without grad.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.rewards.common import (autocast_context, check_batch_size, images_to_pil, processor_folder,
+                                     resolve_device)
 from training.rewards.registry import register_reward, score_in_chunks
 
 __all__ = ["PickledModelError", "MPSStateDictError", "refuse_pickled_model", "load_mps_state_dict",
@@ -82,7 +85,7 @@ CONVERSION_HELP = (
 #: The fixed condition text: 22 aspects of preference.
 MPS_CONDITION = ("light, color, clarity, tone, style, ambiance, artistry, shape, face, hair, hands, limbs, structure, "
                  "instance, texture, quantity, attributes, position, number, location, word, things.")
-#: Default mask threshold (spec 8.5); the public MPS code uses 0.01.
+#: Default mask threshold (docs/authors-code.md §8.5); the public MPS code uses 0.01.
 MPS_THRESHOLD = 0.3
 #: ``normalise(s) = clamp(s / MPS_SCALE, 0, 1)`` (this repository's choice).
 MPS_SCALE = 26.0
@@ -479,12 +482,9 @@ class MPSHead:
                  scale: float = MPS_SCALE):
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        from training.rewards.pickscore import _processor_folder, _resolve_device
-
         if not isinstance(network, MPSNetwork):
             raise TypeError(f"network must be an MPSNetwork, got {type(network).__name__}")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = check_batch_size(batch_size)
         if mask_norm not in ("prompt", "batch"):
             raise ValueError(f"mask_norm must be 'prompt' or 'batch', got {mask_norm!r}")
         if not math.isfinite(float(threshold)):
@@ -492,9 +492,9 @@ class MPSHead:
         if not float(scale) > 0:
             raise ValueError(f"scale must be > 0, got {scale!r}")
         self.weights_path = None if weights_path is None else Path(weights_path)
-        self.processor_path = _processor_folder(processor_path, "MPS")
-        self.device = _resolve_device(None if device in (None, "auto") else device)
-        self.amp, self.batch_size = bool(amp), int(batch_size)
+        self.processor_path = processor_folder(processor_path, "MPS")
+        self.device = resolve_device(device)
+        self.amp, self.batch_size = bool(amp), batch_size
         self.threshold, self.mask_norm, self.condition = float(threshold), mask_norm, str(condition)
         self.scale, self.max_length = float(scale), int(max_length)
         positions = int(network.model.config.text_config.max_position_embeddings)
@@ -512,15 +512,11 @@ class MPSHead:
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, C, H, W]`` in ``[-1, 1]`` -> processor ``pixel_values`` (uint8 by rounding, PIL), on the CPU."""
-        from training.rewards.pickscore import images_to_pil
-
         return self.image_processor(images=images_to_pil(images), return_tensors="pt")["pixel_values"]
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Raw MPS scores ``[B]`` (float32, CPU), ``batch_size`` images at a time."""
-        from training.rewards.hps import autocast_context
-
         condition_ids = self.tokenize([self.condition]).to(self.device)
 
         def chunk(part: torch.Tensor, texts: list[str]) -> torch.Tensor:
@@ -549,7 +545,7 @@ def _make_mps(weights_path: str | os.PathLike | None = None, processor_path: str
               scale: float = MPS_SCALE, config: Mapping[str, Any] | None = None) -> MPSHead:
     """The ``mps`` head: weights and processor folder resolved through the manifest (explicit path, then the
     environment variable, then ``<root>/<default>``)."""
-    from training.rewards.weights import resolve      # at call time: `python -m training.rewards.weights` stays clean
+    from training.rewards.pretrained import resolve   # at call time: `-m training.rewards.pretrained` stays clean
 
     path = resolve("mps", weights_path, root=root)
     state = load_mps_state_dict(path)                  # a pickled model is refused before anything else

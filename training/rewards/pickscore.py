@@ -1,11 +1,14 @@
-"""PickScore reward head (spec 7.4): ``pickscore`` = ``exp(logit_scale) * cos(image, text)`` of a CLIP model.
+"""PickScore reward head (docs/authors-code.md §7.4): ``pickscore`` = ``exp(logit_scale) * cos(image, text)`` of a
+CLIP model.
 
 * Model: a transformers ``CLIPModel`` from a local copy of ``yuvalkirstain/PickScore_v1`` (``weights_path``).
 * Processor: image processor and tokenizer from a local copy of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``
   (``processor_path``; by default ``weights_path`` when that folder holds a processor). Everything is loaded
   with ``local_files_only=True``; a missing folder is a ``FileNotFoundError`` naming the repo to fetch.
-* Images ``[B, C, H, W]`` in ``[-1, 1]`` become uint8 by **rounding** ``(x + 1) / 2 * 255`` and go to the
-  processor as PIL images (PIL backend by default: the authors' transformers 4.x resized with PIL).
+* Images ``[B, C, H, W]`` in ``[-1, 1]`` become uint8 by **rounding** ``(x + 1) / 2 * 255`` (float64,
+  :func:`training.rewards.common.images_to_rgb_uint8`) and go to the processor as PIL images (PIL backend by
+  default: the authors' transformers 4.x resized with PIL). Device, autocast and processor-folder checks are
+  :mod:`training.rewards.common`'s.
   Prompts are tokenised with ``padding=True, truncation=True, max_length=77``.
 * Raw score: ``exp(logit_scale) * <f_img / |f_img|, f_txt / |f_txt|>`` (about 21-22 on real data). The
   authors score one image at a time; this head scores a batch at once (the causal CLIP text tower makes the
@@ -20,63 +23,22 @@ from typing import Any, Sequence
 
 import torch
 
+from training.rewards.common import (PROCESSOR_REPO, autocast_context, has_processor, images_to_pil,
+                                     images_to_rgb_uint8, processor_folder, resolve_device)
 from training.rewards.registry import prompts_for, register_reward
 
 __all__ = ["PickScoreHead", "images_to_uint8", "images_to_pil", "PICKSCORE_REPO", "PROCESSOR_REPO",
            "PICKSCORE_SCALE"]
 
 PICKSCORE_REPO = "yuvalkirstain/PickScore_v1"
-PROCESSOR_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 PICKSCORE_SCALE = 26.0
-
-
-def images_to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """``[B, C, H, W]`` float in ``[-1, 1]`` (C = 1 or 3) -> ``[B, H, W, 3]`` uint8 on the CPU: clamp, then
-    ``round((x + 1) / 2 * 255)`` (half to even) in float64."""
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] not in (1, 3):
-        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"expected images [B, 1 or 3, H, W] in [-1, 1], got {shape}")
-    if not images.is_floating_point():
-        raise ValueError(f"expected float images in [-1, 1], got dtype {images.dtype}")
-    # float64: float32 arithmetic can land a value on the wrong side of a .5 boundary
-    pixels = ((images.detach().to("cpu", torch.float64).clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
-    if pixels.shape[1] == 1:
-        pixels = pixels.expand(-1, 3, -1, -1)
-    return pixels.permute(0, 2, 3, 1).contiguous()
-
-
-def images_to_pil(images: torch.Tensor) -> list:
-    """``[B, C, H, W]`` in ``[-1, 1]`` -> ``B`` RGB ``PIL.Image`` (uint8 by rounding)."""
-    from PIL import Image
-
-    return [Image.fromarray(array.numpy()) for array in images_to_uint8(images)]
-
-
-def _resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+#: This head's uint8 rule under its old name (:func:`training.rewards.common.images_to_rgb_uint8`).
+images_to_uint8 = images_to_rgb_uint8
 
 
 def _features(output: Any) -> torch.Tensor:
     """``get_*_features`` returns a tensor (transformers 4) or an output whose ``pooler_output`` is projected (5)."""
     return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def _has_processor(folder: Path) -> bool:
-    tokenizer = (folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()
-    return (folder / "preprocessor_config.json").is_file() and tokenizer
-
-
-def _processor_folder(path: str | Path, head: str) -> Path:
-    """``path`` as a folder holding the CLIP-H processor (image config and tokenizer), or a clear error."""
-    folder = Path(path).expanduser()
-    if not _has_processor(folder):
-        raise FileNotFoundError(
-            f"{head} processor folder {str(path)!r} not found or incomplete (it needs preprocessor_config.json and "
-            f"tokenizer files): download the Hugging Face repo {PROCESSOR_REPO!r} to a local folder and pass it "
-            f"as processor_path")
-    return folder
 
 
 class PickScoreHead:
@@ -96,16 +58,16 @@ class PickScoreHead:
                 f"weights): download the Hugging Face repo {PICKSCORE_REPO!r} to a local folder and pass it "
                 f"as weights_path")
         if processor_path is None:
-            if not _has_processor(weights):
+            if not has_processor(weights):
                 raise FileNotFoundError(
                     f"no processor in {str(weights)!r} and no processor_path given: download the Hugging Face "
                     f"repo {PROCESSOR_REPO!r} (preprocessor_config.json and tokenizer files) to a local folder "
                     f"and pass it as processor_path")
             processor = weights
         else:
-            processor = _processor_folder(processor_path, "PickScore")
+            processor = processor_folder(processor_path, "PickScore")
         self.weights_path, self.processor_path = weights, processor
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.amp = bool(amp)
         self.max_length = int(max_length)
         self.image_processor = AutoImageProcessor.from_pretrained(str(processor), local_files_only=True,
@@ -125,8 +87,7 @@ class PickScoreHead:
     def score(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         """Raw PickScore ``[B]`` (float32, CPU)."""
         inputs = {k: v.to(self.device) for k, v in self.preprocess(images, prompts).items()}
-        use_amp = self.amp and self.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=use_amp):
+        with torch.inference_mode(), autocast_context(self.device, self.amp):
             image_features = _features(self.model.get_image_features(pixel_values=inputs["pixel_values"]))
             text_features = _features(self.model.get_text_features(input_ids=inputs["input_ids"],
                                                                    attention_mask=inputs["attention_mask"]))

@@ -1,4 +1,4 @@
-"""One registry of reward heads, and the weighted multi-reward of spec 7.4.
+"""One registry of reward heads, and the weighted multi-reward of docs/authors-code.md §7.4.
 
 Trainers only ever talk to this module: a head is built by name (:func:`build_reward`) from a factory that
 its own module registered with :func:`register_reward`, so no trainer imports a specific reward model.
@@ -8,7 +8,7 @@ its own module registered with :func:`register_reward`, so no trainer imports a 
   PickScore).
 * :class:`MultiReward` mixes the normalised scores of the heads with a positive weight:
   ``R = sum_h w_h norm_h / sum_h max(w_h, 0)``. Heads with weight ``<= 0`` are never built, so they need
-  no files (spec 9.39 is fixed: validation does not ask for weights of unused heads).
+  no files (docs/authors-code.md §9.39 is fixed: validation does not ask for weights of unused heads).
 * :func:`reward_from_config` builds one from a config mapping; ``{"type": "<head>", "raw": true}`` is the
   authors' ``reward.type: hps`` (the raw score of one head, no clamp).
 """
@@ -55,7 +55,7 @@ class RewardHead(Protocol):
         ...
 
     def normalise(self, scores: torch.Tensor) -> torch.Tensor:
-        """Raw scores -> ``[0, 1]`` (the per-head map of spec 7.4)."""
+        """Raw scores -> ``[0, 1]`` (the per-head map of docs/authors-code.md §7.4)."""
         ...
 
 
@@ -129,7 +129,7 @@ class RewardResult:
 
 
 class MultiReward:
-    """Weighted mix of normalised head scores (spec 7.4): ``R = sum_h w_h norm_h / sum_h max(w_h, 0)``.
+    """Weighted mix of normalised head scores (docs/authors-code.md §7.4): ``R = sum_h w_h norm_h / sum_h max(w_h, 0)``.
 
     Only heads with weight ``> 0`` are built (``build_reward(name, **options.get(name, {}))``) or taken from
     ``heads``; the others contribute nothing and need nothing. ``raw=True`` (one head only) returns that

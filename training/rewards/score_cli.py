@@ -1,4 +1,5 @@
-"""Score a folder of images with any reward head (the authors' ``score_{hps,pick,...}`` CLIs, spec 8.5).
+"""Score a folder of images with any reward head (the authors' ``score_{hps,pick,...}`` CLIs,
+docs/authors-code.md §8.5).
 
     python -m training.rewards.score_cli --head hps --images samples/sd15
     python -m training.ppo.scripts.score_pick --images samples/sd15 --prompts src/prompts/test.txt --output-json r.json
@@ -10,14 +11,14 @@ path: our samplers' ``000000/000123.png`` names sort by seed). **Pairing with pr
 1. if every image has a JSON sidecar (``000123.json``, written by ``sample*.py``) with a ``prompt``, that prompt
    is used (it is what the image was sampled with; ``--prompts``, if also given, is only compared with it);
 2. else, with no sidecars at all, line ``i`` of ``--prompts`` (.txt lines or a .csv ``text`` column, via
-   :func:`training.prompts.read_prompts`) goes with the ``i``-th image in sorted order, as the authors do; the
+   :func:`backends.prompts.read_prompts`) goes with the ``i``-th image in sorted order, as the authors do; the
    counts must match exactly. (This equals the sidecar pairing for our samplers when the seeds are ``0..N-1``
    and the prompt list has ``N`` lines.)
 3. some images with sidecars and others without is an error. Heads that ignore prompts (``aesthetic``,
    ``image_contrast``, ``digit_realism``) score with empty prompts when neither is available.
 
 ``--pairing sidecar`` / ``index`` forces one rule. The main weights file comes from ``--weights``, else the
-head's environment variable, else ``<--cache-dir>/<manifest default>`` (:mod:`training.rewards.weights`), and is
+head's environment variable, else ``<--cache-dir>/<manifest default>`` (:mod:`training.rewards.pretrained`), and is
 passed as ``weights_path``; a missing file is one error message naming it and where to get it. Other files of the
 head (PickScore's ``processor_path``, ImageReward's ``tokenizer_path``, the aesthetic head's ``clip_path``) are
 passed when present and the head's factory takes them (explicitly or through ``**options``), and so is
@@ -44,9 +45,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from solvers.table import atomic_write
+from safeio import atomic_write
 from training.rewards import registry
-from training.rewards.weights import head_entries, resolve
+from training.rewards.pretrained import head_entries, resolve
 
 __all__ = ["HEAD_DEFAULTS", "PROMPT_FREE_HEADS", "list_images", "load_image", "iter_image_batches", "read_sidecar",
            "pair_prompts", "parse_options", "build_head", "score_images", "summarise", "write_json", "build_parser",
@@ -142,7 +143,7 @@ def pair_prompts(paths: Sequence[Path], prompts_file: str | os.PathLike | None =
         raise ScoreError(f"--pairing must be auto, sidecar or index, got {pairing!r}")
     listed = None
     if prompts_file is not None:
-        from training.prompts import read_prompts
+        from backends.prompts import read_prompts
 
         listed = read_prompts(prompts_file)
     sidecars = [read_sidecar(p) for p in paths] if pairing != "index" else []

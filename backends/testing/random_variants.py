@@ -1,5 +1,5 @@
 """Random-weight pipelines of the model variants the backends support beyond SD1.5 / SD3-Medium / FLUX.1-dev,
-built offline by :func:`backends.random_init.build_pipeline` and then swapping the components that differ.
+built offline by :func:`backends.testing.random_init.build_pipeline` and then swapping the components that differ.
 
 =============  =========================  =================================================================
 variant        pipeline                   what differs from its base (``VARIANT_BASE``)
@@ -103,7 +103,7 @@ def _clip_h_config(size: str) -> dict[str, Any]:
 
 
 def variant_configs(name: str, size: str = "tiny") -> dict[str, dict[str, Any]]:
-    """Per-component configs of a variant: its base's :func:`~backends.random_init.pipeline_configs` with the
+    """Per-component configs of a variant: its base's :func:`~backends.testing.random_init.pipeline_configs` with the
     differing entries replaced (``scheduler`` included)."""
     _check(name)
     cfg = {key: dict(value) for key, value in pipeline_configs(VARIANT_BASE[name], size).items()}

@@ -28,12 +28,11 @@ identical weights::
 (``config`` must be a ``str``: diffusers 0.42 passes it on to each model's ``from_single_file``, which rejects
 ``pathlib.Path``.)
 
-CLI: ``python -m backends.random_init --model sd15 --size tiny --out DIR [--dtype float16] [--device cuda]``.
+CLI: ``python -m backends.testing.random_init --model sd15 --size tiny --out DIR [--dtype float16] [--device cuda]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gzip
 import importlib.util
@@ -42,7 +41,6 @@ import math
 import random
 import re
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -64,7 +62,6 @@ __all__ = [
     "count_parameters",
     "ldm_state_dict",
     "write_ldm_single_file",
-    "main",
 ]
 
 MODELS = ("sd15", "sd3", "flux", "sdxl")
@@ -652,34 +649,7 @@ def write_ldm_single_file(pipe, path: str | Path) -> Path:
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Build a random pipeline, save it with ``save_pretrained`` and print parameter counts per component."""
-    parser = argparse.ArgumentParser(prog="python -m backends.random_init", description=main.__doc__)
-    parser.add_argument("--model", choices=MODELS, required=True)
-    parser.add_argument("--size", choices=SIZES, default="tiny")
-    parser.add_argument("--out", required=True, help="output folder (diffusers format)")
-    parser.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--ldm", default=None, help="sd15 only: also write an original-LDM single file here")
-    args = parser.parse_args(argv)
+if __name__ == "__main__":     # ``python -m backends.testing.random_init``: the CLI is tools/random_pipeline.py
+    from tools.random_pipeline import main
 
-    start = time.perf_counter()
-    pipe = build_pipeline(args.model, args.size, dtype=_DTYPES[args.dtype], device=args.device, seed=args.seed)
-    built = time.perf_counter()
-    total = 0
-    for name, component in pipe.components.items():
-        if isinstance(component, torch.nn.Module):
-            n = count_parameters(component)
-            total += n
-            print(f"{name:16s} {type(component).__name__:32s} {n:>15,d}")
-    print(f"{'total':16s} {'':32s} {total:>15,d}")
-    pipe.save_pretrained(args.out, safe_serialization=True)
-    if args.ldm:
-        write_ldm_single_file(pipe, args.ldm)
-    print(f"built in {built - start:.1f}s, saved to {args.out} in {time.perf_counter() - built:.1f}s")
-    return 0
-
-
-if __name__ == "__main__":
     raise SystemExit(main())
