@@ -41,7 +41,7 @@ from solvers.core import parse_seeds
 from solvers.parallel import DistributedPoints
 from solvers.registry import get_solver
 from solvers.schedules import SCHEDULES, ScheduleSpec, default_rho, make_sigmas
-from safeio import atomic_write
+from safeio import atomic_write, remove_stale_temporaries
 from solvers.table import PredictorTable, TableError, UnsafePickleError, load_table
 from backends.distributed import barrier, join_process_group, leave_process_group
 from backends.images import image_grid, png_bytes, to_uint8
@@ -157,6 +157,9 @@ def _backend_from(args: argparse.Namespace, table: PredictorTable | None, device
     loader does not take are refused by name (the registry knows what each accepts)."""
     meta = table.metadata if table is not None else {}
     table_backend = canonical_backend(meta["backend"]) if meta.get("backend") else None
+    if table is not None and table_backend is None and not args.backend:
+        raise ValueError(f"the table {table.source} records no backend, and a table is only valid for the model it "
+                         "was fitted on; name that model with --backend")
     given = args.backend or table_backend or "digits"
     name, entry, config = resolve_backend(given)
     if table_backend and name != table_backend:
@@ -241,11 +244,16 @@ class SampleJob:
 def prepare(args: argparse.Namespace, rank: int = 0, world: int = 1, device: torch.device | None = None) -> SampleJob:
     """Check the arguments, load the table and backend and build the sampler; a user error raises (ValueError,
     FileNotFoundError, TableError, ...) before anything is sampled."""
+    if args.batch < 1:
+        raise ValueError("--batch must be >= 1")
     seeds = parse_seeds(args.seeds)
     if bool(args.predictor_path) == bool(args.solver):
         raise ValueError("give either --predictor_path (EPD table) or --solver with --steps (baseline)")
-    if args.batch < 1:
-        raise ValueError("--batch must be >= 1")
+    if args.class_label is not None and args.class_label < 0:
+        raise ValueError(f"--class {args.class_label}: class labels are >= 0 (for unconditional samples give "
+                         "--prompt '')")
+    if args.device:
+        check_device(args.device)
     if args.shard_points and not args.predictor_path:
         raise ValueError("--shard-points splits the K points of an EPD table; it needs --predictor_path")
     if args.compile_cache and not args.compile:
@@ -277,7 +285,34 @@ def prepare(args: argparse.Namespace, rank: int = 0, world: int = 1, device: tor
                                       afs=args.afs)
     else:
         sampler = Sampler.from_table(table, shard=shard)
-    return SampleJob(args, seeds, prompts, table, backend, backend_name, backend_config, sampler, shard, rank, world)
+    job = SampleJob(args, seeds, prompts, table, backend, backend_name, backend_config, sampler, shard, rank, world)
+    check_outdir(job.outdir, "--outdir" if args.outdir else "the output folder")
+    return job
+
+
+def check_device(name: str) -> torch.device:
+    """``--device`` as a torch device that exists here (ValueError naming the flag otherwise)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: sampling runs on cpu or cuda")
+    return device
+
+
+def check_outdir(folder: Path, flag: str) -> None:
+    """The output folder exists (or can be made) and is writable, before anything is sampled."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{flag} {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{flag} {folder} cannot be created ({err.strerror})") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {folder} is not writable")
 
 
 def write_samples(job: SampleJob) -> tuple[int, float]:
@@ -293,6 +328,8 @@ def write_samples(job: SampleJob) -> tuple[int, float]:
     sigmas = sampler.sigmas
     nfe = sampler.eval_count()
     cfg_rows = 2 if backend.guided else 1
+    if writer:
+        remove_stale_temporaries(outdir)        # a killed run's half-written files (never a live write's)
     # Deal seeds to ranks before skipping finished ones, so a resumed run keeps the same assignment.
     mine = [(i, s) for i, s in enumerate(seeds) if shard is not None or i % world == rank]
     todo = [(i, s) for i, s in mine if not (image_path(s).is_file() and image_path(s).with_suffix(".json").is_file())]
@@ -341,11 +378,11 @@ def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None =
     # A caller that set up the process group (scripts/reproduce_iccv.py runs several cells) keeps it.
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     rank, world, device = join_process_group()
-    if args.device:
-        device = torch.device(args.device)
     try:
+        if args.device:
+            device = check_device(args.device)
         job = prepare(args, rank, world, device)
-    except (ValueError, KeyError, FileNotFoundError, NotImplementedError, TableError, UnsafePickleError) as err:
+    except (ValueError, KeyError, OSError, NotImplementedError, TableError, UnsafePickleError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_samples(job)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from safeio.limits import MAX_NETWORK_BYTES, LimitError, check_size, check_structure
 from safeio.unpickle import (BASE_GLOBALS, InertStub, PersistentRecord, UnsafePickleError, inert_class,
                               restricted_load)
 
@@ -184,8 +185,14 @@ def read_edm_pickle(path: str | Path, key: str = "ema") -> EDMCheckpoint:
     """Read ``path`` (an NVIDIA EDM network pickle) without executing anything it names; ``key`` selects the
     network in the snapshot dict (``ema`` in NVIDIA's files). A bare pickled network is accepted too."""
     path = Path(path)
+    check_size(path.stat().st_size, MAX_NETWORK_BYTES, str(path), "EDM network")
     data = path.read_bytes()
-    obj = restricted_load(data, str(path), _NETWORK_GLOBALS, "NVIDIA's EDM network pickle format")
+    try:
+        obj = restricted_load(data, str(path), _NETWORK_GLOBALS, "NVIDIA's EDM network pickle format")
+    except (UnsafePickleError, LimitError):
+        raise
+    except Exception as err:  # noqa: BLE001 - truncated, empty or junk files trip the unpickler in many ways
+        raise CheckpointError(f"{path}: not a readable EDM network pickle ({type(err).__name__}: {err})") from None
     entries = [str(k) for k in obj] if isinstance(obj, dict) else []
     record = obj.get(key) if isinstance(obj, dict) else obj
     if not isinstance(record, PersistentRecord):
@@ -210,7 +217,8 @@ def read_edm_pickle(path: str | Path, key: str = "ema") -> EDMCheckpoint:
                          dict(tensors), entries, attributes)
 
 
-def _load_strict(net: torch.nn.Module, tensors: dict[str, Any], source: str) -> None:
+def _check_names_and_shapes(net: torch.nn.Module, tensors: dict[str, Any], source: str) -> dict:
+    """The network's tensors and the stored ones have the same names and shapes (CheckpointError otherwise)."""
     expected = net.state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -222,24 +230,40 @@ def _load_strict(net: torch.nn.Module, tensors: dict[str, Any], source: str) -> 
                 ([f"unexpected {len(unexpected)}: {names(unexpected)}"] if unexpected else [])
         raise CheckpointError(f"{source}: the tensors do not match the rebuilt {type(net).__name__} "
                               f"({'; '.join(parts)})")
-    converted = {}
     for name, value in tensors.items():
-        tensor = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, the rebuilt network expects "
+        if tuple(np.shape(value)) != tuple(expected[name].shape):
+            raise CheckpointError(f"{source}: {name} has shape {tuple(np.shape(value))}, the rebuilt network expects "
                                   f"{tuple(expected[name].shape)}")
-        converted[name] = tensor
+    return expected
+
+
+def _load_strict(net: torch.nn.Module, tensors: dict[str, Any], source: str) -> None:
+    _check_names_and_shapes(net, tensors, source)
+    converted = {name: value if isinstance(value, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(value))
+                 for name, value in tensors.items()}
     net.load_state_dict(converted, strict=True)
+
+
+def _build_checked(class_name: str, init_args: Any, init_kwargs: Any, tensors: dict[str, Any],
+                   source: str) -> torch.nn.Module:
+    """The recorded network, built only after its layout on the meta device (no memory) matched the stored
+    tensors' names and shapes: the constructor arguments are untrusted. Loaded strictly, eval, no gradients."""
+    try:
+        _check_names_and_shapes(build_precond(class_name, init_args or [], init_kwargs or {}, device="meta"),
+                                tensors, source)
+        net = build_precond(class_name, init_args or [], init_kwargs or {})
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise CheckpointError(f"{source}: {err}") from None
+    _load_strict(net, tensors, source)
+    return net.eval().requires_grad_(False)
 
 
 def network_from_checkpoint(checkpoint: EDMCheckpoint) -> torch.nn.Module:
     """Rebuild the network a checkpoint records and load its tensors strictly (eval mode, no gradients)."""
-    try:
-        net = build_precond(checkpoint.class_name, checkpoint.init_args, checkpoint.init_kwargs)
-    except ValueError as err:
-        raise CheckpointError(f"{checkpoint.path}: {err}") from None
-    _load_strict(net, checkpoint.state_dict, str(checkpoint.path))
-    return net.eval().requires_grad_(False)
+    return _build_checked(checkpoint.class_name, checkpoint.init_args, checkpoint.init_kwargs, checkpoint.state_dict,
+                          str(checkpoint.path))
 
 
 def save_edm(net: torch.nn.Module, path: str | Path, source: dict | None = None) -> Path:
@@ -276,8 +300,11 @@ def _read_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
                               "`python -m backends.edm_checkpoint convert IN.pkl OUT.safetensors`)")
     try:
         config = json.loads(header["config"])
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: invalid config JSON in the header ({err})") from None
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{path}: invalid config JSON in the header ({type(err).__name__})") from None
+    check_structure(config, str(path))
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: the header's config is a {type(config).__name__}, not a mapping")
     return config, tensors
 
 
@@ -291,14 +318,10 @@ def load_edm(path: str | Path, key: str = "ema") -> tuple[torch.nn.Module, dict]
     if not path.is_file():
         raise FileNotFoundError(f"no EDM network file at {path}")
     if path.suffix == ".safetensors":
+        check_size(path.stat().st_size, MAX_NETWORK_BYTES, str(path), "EDM network")
         config, tensors = _read_safetensors(path)
-        try:
-            net = build_precond(config.get("class_name", "?"), config.get("init_args") or [],
-                                config.get("init_kwargs") or {})
-        except ValueError as err:
-            raise CheckpointError(f"{path}: {err}") from None
-        _load_strict(net, tensors, str(path))
-        return net.eval().requires_grad_(False), config
+        return _build_checked(config.get("class_name", "?"), config.get("init_args"), config.get("init_kwargs"),
+                              tensors, str(path)), config
     checkpoint = read_edm_pickle(path, key)
     return network_from_checkpoint(checkpoint), checkpoint.config()
 

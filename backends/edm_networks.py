@@ -494,8 +494,9 @@ class VPPrecond(_Precond):
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
         _record_kwargs(self, locals(), model_kwargs)
         self.beta_d, self.beta_min, self.M, self.epsilon_t = float(beta_d), float(beta_min), int(M), float(epsilon_t)
-        self.sigma_min = float(self.sigma(epsilon_t))
-        self.sigma_max = float(self.sigma(1))
+        with torch.device("cpu"):      # real numbers even when the network is laid out on the meta device
+            self.sigma_min = float(self.sigma(epsilon_t))
+            self.sigma_max = float(self.sigma(1))
 
     def sigma(self, t: Any) -> torch.Tensor:
         """``s(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)``."""
@@ -537,10 +538,11 @@ class iDDPMPrecond(_Precond):  # noqa: N801 - the released class name
         super().__init__(img_resolution, img_channels, label_dim, use_fp16, model_type, **model_kwargs)
         _record_kwargs(self, locals(), model_kwargs)
         self.C_1, self.C_2, self.M = float(C_1), float(C_2), int(M)
-        u = torch.zeros(self.M + 1)
-        for j in range(self.M, 0, -1):
-            ratio = (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=self.C_1)
-            u[j - 1] = ((u[j] ** 2 + 1) / ratio - 1).sqrt()
+        with torch.device("cpu"):      # real numbers even when the network is laid out on the meta device
+            u = torch.zeros(self.M + 1)
+            for j in range(self.M, 0, -1):
+                ratio = (self.alpha_bar(j - 1) / self.alpha_bar(j)).clip(min=self.C_1)
+                u[j - 1] = ((u[j] ** 2 + 1) / ratio - 1).sqrt()
         self.register_buffer("u", u)
         self.sigma_min = float(u[self.M - 1])
         self.sigma_max = float(u[0])
@@ -597,8 +599,10 @@ class DDPMPrecond(_Precond):
         _record_kwargs(self, locals(), model_kwargs)
         from solvers.schedules import VPDiscreteMap, beta_alphas_cumprod
 
-        self.alphas_cumprod = beta_alphas_cumprod(beta_schedule, float(beta_start), float(beta_end), int(num_timesteps))
-        self.vp = VPDiscreteMap(self.alphas_cumprod)
+        with torch.device("cpu"):      # real numbers even when the network is laid out on the meta device
+            self.alphas_cumprod = beta_alphas_cumprod(beta_schedule, float(beta_start), float(beta_end),
+                                                      int(num_timesteps))
+            self.vp = VPDiscreteMap(self.alphas_cumprod)
         self.sigma_min, self.sigma_max = self.vp.sigma_min, self.vp.sigma_max
 
     def preconditioning(self, sigma: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -620,14 +624,26 @@ PRECOND_CLASSES: dict[str, type[_Precond]] = {"VPPrecond": VPPrecond, "VEPrecond
                                               "DDPMPrecond": DDPMPrecond}
 
 
-def build_precond(class_name: str, init_args: Sequence[Any] = (), init_kwargs: dict | None = None) -> _Precond:
-    """Construct ``class_name`` (one of :data:`PRECOND_CLASSES`) from recorded constructor arguments."""
+#: Discretisation steps (``M`` of VP / iDDPM, ``num_timesteps`` of DDPM): the released networks use 1000; iDDPM's
+#: grid is a Python loop over M at construction, so an untrusted value must be bounded before anything is built.
+MAX_DISCRETE_STEPS = 10_000
+
+
+def build_precond(class_name: str, init_args: Sequence[Any] = (), init_kwargs: dict | None = None,
+                  device: str = "cpu") -> _Precond:
+    """Construct ``class_name`` (one of :data:`PRECOND_CLASSES`) from recorded constructor arguments.
+    ``device="meta"`` lays the network out without allocating it (shapes only)."""
     cls = PRECOND_CLASSES.get(class_name)
     if cls is None:
         raise ValueError(f"unknown EDM network class {class_name!r}; this reader knows {', '.join(PRECOND_CLASSES)}")
     kwargs = dict(init_kwargs or {})
+    for key in ("M", "num_timesteps"):
+        steps = kwargs.get(key)
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer))
+                                  or not 1 <= int(steps) <= MAX_DISCRETE_STEPS):
+            raise ValueError(f"{key} = {steps!r} is outside 1..{MAX_DISCRETE_STEPS} (the released networks use 1000)")
     try:
-        with torch.device("cpu"):
+        with torch.device(device):
             return cls(*init_args, **kwargs)
     except TypeError as err:
         raise ValueError(f"cannot build {class_name} from the recorded arguments {list(init_args)} / "

@@ -4,9 +4,13 @@
 from __future__ import annotations
 
 import csv
+import io
 from pathlib import Path
 
-__all__ = ["read_prompts"]
+__all__ = ["read_prompts", "MAX_PROMPT_FILE_BYTES"]
+
+#: MS-COCO's 30k-caption CSV is about 2 MB; a prompt file is read whole, so it is bounded.
+MAX_PROMPT_FILE_BYTES = 256 << 20
 
 
 def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
@@ -16,17 +20,26 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
+    if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
+        raise ValueError(f"{path}: a prompt file of {path.stat().st_size} bytes is over the "
+                         f"{MAX_PROMPT_FILE_BYTES >> 20} MiB limit")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); save the prompt file as UTF-8") from None
     if path.suffix.lower() == ".csv" or column:
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            names = reader.fieldnames or []
-            choices = [column] if column else ["text", "prompt", "caption"]
-            name = next((c for c in choices if c in names), None)
-            if name is None:
-                raise ValueError(f"{path}: CSV needs a {' or '.join(repr(c) for c in choices)} column (has {names})")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        names = reader.fieldnames or []
+        choices = [column] if column else ["text", "prompt", "caption"]
+        name = next((c for c in choices if c in names), None)
+        if name is None:
+            raise ValueError(f"{path}: CSV needs a {' or '.join(repr(c) for c in choices)} column (has {names})")
+        try:
             prompts = [(row[name] or "").strip() for row in reader]
+        except csv.Error as err:
+            raise ValueError(f"{path}: not a readable CSV file ({err})") from None
     else:
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p]
     if not prompts:
         raise ValueError(f"{path}: no prompts")

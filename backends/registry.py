@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -19,6 +20,7 @@ from .base import check_backend
 
 __all__ = ["BackendEntry", "REGISTRY", "register_backend", "resolve_backend", "backend_entry", "load_backend",
            "backend_from_pipeline", "backend_options", "canonical_backend", "backend_names", "options_from_table", "import_object",
+           "check_option_values",
            "is_factory_path", "EDM_DATASET_ALIASES", "ANALYTIC_MODELS"]
 
 # Data-set names of the authors' ICCV tables (their dataset_name) that stand for an EDM network.
@@ -150,7 +152,19 @@ def load_backend(name: str, **options: Any) -> Any:
         if unknown:
             raise ValueError(f"backend {canonical!r} does not take option(s) {', '.join(unknown)}; it takes "
                              f"{', '.join(sorted(accepted)) or 'no options'}")
+    check_option_values(options, f"backend {canonical!r}")
     return check_backend(factory(**options), f"backend {canonical!r}")
+
+
+def check_option_values(options: dict, where: str) -> None:
+    """Numbers among loader options must be finite (a NaN guidance gives black images, not an error); the
+    guidance scale must also be >= 0 (1 is no guidance)."""
+    for key, value in options.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{where}: option {key} = {value} is not a finite number")
+    guidance = options.get("guidance")
+    if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or guidance < 0):
+        raise ValueError(f"{where}: option guidance must be a number >= 0 (1 = no guidance), got {guidance!r}")
 
 
 def backend_from_pipeline(pipe: Any, **options: Any) -> Any:

@@ -56,6 +56,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from backends.registry import canonical_backend
 from solvers.core import seeded_noise
 from solvers.evaluate import (CONVERGED_SHARE, REF_SOLVER, REF_STEPS, baseline_jobs, baseline_rows, best_rows,
                               cached_states, fine_reference, reference_converged,
@@ -381,6 +382,15 @@ def main(argv: list[str] | None = None) -> int:
             get_solver(name)
         except (KeyError, ValueError) as err:
             parser.error(f"--solvers: {err.args[0]}")
+    try:
+        for name, path in tables.items():
+            recorded = load_table(path).metadata.get("backend")
+            if recorded and canonical_backend(str(recorded)) != canonical_backend(args.model):
+                raise ValueError(f"--table {name}={path} was fitted for the {recorded!r} model, not --model "
+                                 f"{args.model!r} (a table is only valid on its own model and grid)")
+    except (ValueError, OSError) as err:     # TableError, UnsafePickleError and LimitError are ValueErrors
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     options = {"model_path": args.model_path, "device": args.device}
     if args.backend_config:
         try:

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "atomic_text", "atomic_torch_save"]
+__all__ = ["atomic_write", "atomic_text", "atomic_torch_save", "is_temporary", "remove_stale_temporaries"]
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -49,3 +49,26 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     atomic_write(path, buffer.getvalue())
+
+
+def is_temporary(path: Path) -> bool:
+    """Whether ``path`` is one of :func:`atomic_write`'s temporary files (``.<name>.<random>.tmp``)."""
+    return path.name.startswith(".") and path.name.endswith(".tmp")
+
+
+def remove_stale_temporaries(folder: Path, min_age_s: float = 60.0) -> int:
+    """Delete the temporary files a killed writer left under ``folder`` (older than ``min_age_s``, so a write in
+    progress in another process is never touched). Returns how many were removed."""
+    import time
+
+    removed, now = 0, time.time()
+    if not folder.is_dir():
+        return 0
+    for path in folder.rglob(".*.tmp"):
+        try:
+            if path.is_file() and not path.is_symlink() and now - path.stat().st_mtime >= min_age_s:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:      # another process finished or removed it meanwhile
+            continue
+    return removed

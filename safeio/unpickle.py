@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from .limits import MAX_VIEW_ELEMENTS, check_pickle, check_structure
+
 __all__ = ["UnsafePickleError", "PersistentRecord", "InertStub", "inert_class", "BASE_GLOBALS",
            "RestrictedUnpickler", "restricted_load", "globals_in_pickle"]
 
@@ -79,6 +81,7 @@ class _LegacyStreamUnpickler(pickle.Unpickler):
 def _load_from_bytes(data: bytes) -> _Storage:
     """Parse a legacy (non-zip) ``torch.save`` stream holding one storage: magic, protocol, sys info, object,
     key list, then per key an int64 element count and the raw little-endian data."""
+    check_pickle(data, "a tensor storage stream")
     stream = io.BytesIO(data)
     storages: dict[str, _Storage] = {}
     for _ in range(3):  # magic number, protocol version, sys info: plain data
@@ -107,6 +110,11 @@ def _rebuild_tensor(storage: _Storage, offset: int, size: tuple, stride: tuple, 
             or last >= base.size):
         raise UnsafePickleError(f"refusing a tensor view (offset {offset}, size {size}, stride {stride}) that reaches "
                                 f"outside its storage of {base.size} elements. Nothing was executed.")
+    elements = int(np.prod(size, dtype=np.float64)) if size else 1
+    if elements > max(base.size, MAX_VIEW_ELEMENTS):
+        raise UnsafePickleError(f"a tensor view of {elements} elements over a storage of {base.size} is more than "
+                                f"any real file holds (limit {MAX_VIEW_ELEMENTS} for a broadcast view). "
+                                "Nothing was executed.")
     if not size:
         return np.array(base[offset])
     view = np.lib.stride_tricks.as_strided(base[offset:], shape=tuple(size),
@@ -192,10 +200,23 @@ class RestrictedUnpickler(pickle.Unpickler):
                                 "Nothing was executed.")
 
 
-def restricted_load(data: bytes, source: str, allowed: dict[tuple[str, str], Any],
-                    what: str = "the expected format") -> Any:
-    """Unpickle ``data`` with :class:`RestrictedUnpickler` (``source`` names the file in errors)."""
-    return RestrictedUnpickler(io.BytesIO(data), source, allowed, what).load()
+def restricted_load(data: bytes, source: str, allowed: dict[tuple[str, str], Any] | None = None,
+                    what: str = "the expected format", unpickler: type | None = None) -> Any:
+    """Unpickle ``data`` with :class:`RestrictedUnpickler` (or the given subclass), inside the limits of
+    :mod:`safeio.limits`: the memo is checked before loading and the result's size and depth after, so no
+    expansion bomb reaches the caller. ``source`` names the file in errors."""
+    check_pickle(data, source)
+    try:
+        if unpickler is None:
+            obj = RestrictedUnpickler(io.BytesIO(data), source, allowed, what).load()
+        else:
+            obj = unpickler(io.BytesIO(data), source).load()
+    except UnsafePickleError as err:
+        if source in str(err):
+            raise
+        raise UnsafePickleError(f"refusing to load {source}: {err}") from None   # raised deep inside, unnamed
+    check_structure(obj, source)
+    return obj
 
 
 def globals_in_pickle(data: bytes) -> list[str]:

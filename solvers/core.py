@@ -27,6 +27,8 @@ __all__ = [
     "EvalCounter",
     "seeded_noise",
     "parse_seeds",
+    "SEED_LIMIT",
+    "MAX_SEEDS",
     "as_tensor",
     "reuse_device_constants",
 ]
@@ -186,9 +188,18 @@ def seeded_noise(seeds: "list[int] | torch.Tensor", shape: tuple, dtype: torch.d
     return torch.stack(out).to(device=device, dtype=dtype)
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"0-19,25,30-31"`` -> [0..19, 25, 30, 31] (ranges inclusive, order kept, duplicates dropped)."""
+#: Seeds are 32-bit (each seeds its own generator, :func:`seeded_noise`); seed 2^32 would silently repeat seed 0.
+SEED_LIMIT = 1 << 32
+#: Seeds one command line may ask for: ten million images is far beyond any evaluation (FID uses 50k), and the
+#: list is checked before it is built, so ``0-999999999`` costs nothing.
+MAX_SEEDS = 10_000_000
+
+
+def parse_seeds(text: str, max_seeds: int = MAX_SEEDS) -> list[int]:
+    """``"0-19,25,30-31"`` -> [0..19, 25, 30, 31] (ranges inclusive, order kept, duplicates dropped); every seed
+    in ``[0, 2^32)`` and at most ``max_seeds`` of them, both checked before the list is built."""
     seeds: list[int] = []
+    count = 0
     for part in text.split(","):
         part = part.strip()
         if not part:
@@ -196,13 +207,15 @@ def parse_seeds(text: str) -> list[int]:
         match = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
         if not match:
             raise ValueError(f"bad seed item {part!r}: use numbers and inclusive ranges like 0-19,25")
-        if match.group(3) is not None:
-            seeds.append(int(match.group(3)))
-        else:
-            lo, hi = int(match.group(1)), int(match.group(2))
-            if hi < lo:
-                raise ValueError(f"bad seed range {part!r}: end before start")
-            seeds.extend(range(lo, hi + 1))
+        lo, hi = (int(match.group(3)),) * 2 if match.group(3) is not None else (int(match.group(1)), int(match.group(2)))
+        if hi < lo:
+            raise ValueError(f"bad seed range {part!r}: end before start")
+        if hi >= SEED_LIMIT:
+            raise ValueError(f"seed {hi} in {part!r} is not below 2^32 = {SEED_LIMIT}; seeds are 32-bit")
+        count += hi - lo + 1
+        if count > max_seeds:
+            raise ValueError(f"--seeds asks for more than {max_seeds} seeds; split the run")
+        seeds.extend(range(lo, hi + 1))
     if not seeds:
         raise ValueError("no seeds given")
     return list(dict.fromkeys(seeds))

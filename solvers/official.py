@@ -14,7 +14,6 @@ The machinery (:class:`safeio.RestrictedUnpickler` and :data:`safeio.BASE_GLOBAL
 from __future__ import annotations
 
 import hashlib
-import io
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from safeio.unpickle import BASE_GLOBALS, PersistentRecord, RestrictedUnpickler, inert_class
+from safeio.limits import MAX_TABLE_BYTES, check_size
+from safeio.unpickle import BASE_GLOBALS, PersistentRecord, RestrictedUnpickler, inert_class, restricted_load
 
 __all__ = ["OfficialSnapshot", "read_official"]
 
@@ -81,8 +81,9 @@ class OfficialSnapshot:
 def read_official(path: str | Path) -> OfficialSnapshot:
     """Read one of the authors' ``network-snapshot*.pkl`` / ``exps/*.pkl`` files as data."""
     path = Path(path)
+    check_size(path.stat().st_size, MAX_TABLE_BYTES, str(path), "predictor table")
     data = path.read_bytes()
-    obj = _OfficialUnpickler(io.BytesIO(data), str(path)).load()
+    obj = restricted_load(data, str(path), unpickler=_OfficialUnpickler)
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), PersistentRecord):
         raise pickle.UnpicklingError(f"{path} is not an EPD predictor snapshot (expected {{'model': EPD_predictor}})")
     if obj["model"].class_name != "EPD_predictor":

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from safeio import UnsafePickleError, atomic_write
+from safeio.limits import MAX_TABLE_BYTES, LimitError, check_pickle, check_size, check_structure
 
 from .official import OfficialSnapshot, read_official
 from .schedules import ScheduleSpec, discrete_sigmas, flowmatch_sigmas, make_sigmas
@@ -32,6 +33,12 @@ __all__ = ["PredictorTable", "TableError", "UnsafePickleError", "load_table", "s
 
 FORMAT = "epd-solver/predictor-table"
 VERSION = 1
+#: Direction and time scales must lie in [1/MAX_SCALE, MAX_SCALE]. Trained tables stay within [0.6, 1.5] (the
+#: authors' half-widths are at most 0.5); a scale of 1e300 passes no sanity check and only gives black images.
+MAX_SCALE = 10.0
+#: Grid points of a table read from the authors' format: released tables have 3..11; a grid is computed from
+#: this number before any row is read, so ``num_steps = 1e9`` must not reach the grid code.
+MAX_GRID_POINTS = 10_000
 
 
 class TableError(ValueError):
@@ -42,9 +49,12 @@ def _frozen(values: Any, name: str, source: str) -> np.ndarray | None:
     if values is None:
         return None
     try:
-        arr = np.array(values, dtype=np.float64)
+        given = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values)
     except (TypeError, ValueError) as err:
-        raise TableError(f"{source}: field '{name}' is not numeric ({err})") from None
+        raise TableError(f"{source}: field '{name}' is not a numeric array ({err})") from None
+    if given.dtype.kind not in "fiu":    # strings, booleans and objects are not numbers, even "0.5" or True
+        raise TableError(f"{source}: field '{name}' must hold numbers (got {given.dtype} values)")
+    arr = np.array(given, dtype=np.float64)
     arr.setflags(write=False)
     return arr
 
@@ -107,8 +117,16 @@ class PredictorTable:
 
         if self.solver not in ("epd", "ipndm"):
             fail("solver", f"must be 'epd' or 'ipndm' (got {self.solver!r})")
-        if self.solver == "ipndm" and not (self.max_order and 1 <= int(self.max_order) <= 4):
-            fail("max_order", f"must be 1..4 for the iPNDM plugin (got {self.max_order!r})")
+        for flag in ("afs", "fcn"):
+            if not isinstance(getattr(self, flag), (bool, np.bool_)):
+                fail(flag, f"must be true or false (got {getattr(self, flag)!r})")
+        order = self.max_order
+        if order is not None and (isinstance(order, (bool, np.bool_)) or not isinstance(order, (int, np.integer))):
+            fail("max_order", f"must be an integer or null (got {order!r})")
+        if self.solver == "ipndm" and not (order and 1 <= int(order) <= 4):
+            fail("max_order", f"must be 1..4 for the iPNDM plugin (got {order!r})")
+        if not isinstance(self.metadata, dict):
+            fail("metadata", f"must be a mapping (got {type(self.metadata).__name__})")
         sig = self.sigmas
         if sig.ndim != 1 or sig.shape[0] < 2:
             fail("sigmas", f"must be a 1-D grid of at least 2 points (shape {sig.shape})")
@@ -136,6 +154,8 @@ class PredictorTable:
             arr = getattr(self, name)
             if arr is not None and np.any(arr <= 0):
                 fail(name, "must be > 0")
+            if arr is not None and np.any((arr < 1 / MAX_SCALE) | (arr > MAX_SCALE)):
+                fail(name, f"must lie in [{1 / MAX_SCALE:g}, {MAX_SCALE:g}] (got {arr.min():.3g} .. {arr.max():.3g})")
 
     # -- conversion ----------------------------------------------------------------------------------------
     @property
@@ -160,18 +180,24 @@ class PredictorTable:
     def from_dict(cls, data: dict, source: str = "<dict>") -> "PredictorTable":
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise TableError(f"{source}: not an EPD predictor table (missing format={FORMAT!r})")
-        version = data.get("version", 0)
-        if not isinstance(version, int) or isinstance(version, bool):
-            raise TableError(f"{source}: field 'version' must be an integer (got {version!r})")
+        version = data.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise TableError(f"{source}: field 'version' must be a format version 1..{VERSION} (got {version!r})")
         if version > VERSION:
-            raise TableError(f"{source}: table format version {data.get('version')} is newer than this code ({VERSION})")
+            raise TableError(f"{source}: table format version {version} is newer than this code ({VERSION})")
         missing = [k for k in ("positions", "weights", "sigmas") if data.get(k) is None]
         if missing:
             raise TableError(f"{source}: missing field(s) {', '.join(missing)}")
+        metadata = data.get("metadata")
+        if metadata is not None and not isinstance(metadata, dict):
+            raise TableError(f"{source}: field 'metadata' must be a mapping (got {type(metadata).__name__})")
+        solver = data.get("solver", "epd")
+        if not isinstance(solver, str):
+            raise TableError(f"{source}: field 'solver' must be 'epd' or 'ipndm' (got {solver!r})")
         return cls(positions=data["positions"], weights=data["weights"], sigmas=data["sigmas"],
                    dir_scales=data.get("dir_scales"), time_scales=data.get("time_scales"),
-                   solver=data.get("solver", "epd"), afs=bool(data.get("afs", False)), fcn=bool(data.get("fcn", False)),
-                   max_order=data.get("max_order"), metadata=dict(data.get("metadata") or {}), source=source)
+                   solver=solver, afs=data.get("afs", False), fcn=data.get("fcn", False),
+                   max_order=data.get("max_order"), metadata=dict(metadata or {}), source=source)
 
     def with_metadata(self, **updates: Any) -> "PredictorTable":
         return replace(self, metadata={**self.metadata, **updates})
@@ -225,6 +251,10 @@ def save_table(table: PredictorTable, path: str | Path) -> Path:
     return path
 
 
+# Errors that already say what is wrong with the file, in our words.
+_OURS = (UnsafePickleError, TableError, LimitError)
+
+
 def load_table(path: str | Path) -> PredictorTable:
     """Read a table: ours (data-only pickle or JSON) or an authors' release pickle (code-free reader).
 
@@ -234,25 +264,32 @@ def load_table(path: str | Path) -> PredictorTable:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no predictor table at {path}")
+    check_size(path.stat().st_size, MAX_TABLE_BYTES, str(path), "predictor table")
     raw = path.read_bytes()
     if path.suffix == ".json":
         try:
-            return PredictorTable.from_dict(json.loads(raw), str(path))
+            data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise TableError(f"{path}: invalid JSON ({err})") from None
+        except RecursionError:
+            raise LimitError(f"refusing {path}: its JSON nests deeper than the parser can follow") from None
+        check_structure(data, str(path))
+        return PredictorTable.from_dict(data, str(path))
     try:
+        check_pickle(raw, str(path))
         data = _DataOnlyUnpickler(io.BytesIO(raw), str(path)).load()
+        check_structure(data, str(path))
     except _NeedsGlobals:
         try:
             return table_from_official(read_official(path))
-        except (UnsafePickleError, TableError):
+        except _OURS:
             raise
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, AttributeError, IndexError) as err:
-            raise TableError(f"{path}: not a readable predictor table ({err})") from None
-    except (pickle.UnpicklingError, EOFError, ValueError) as err:
-        if isinstance(err, (UnsafePickleError, TableError)):
-            raise
-        raise TableError(f"{path}: not a readable pickle ({err})") from None
+        except Exception as err:  # noqa: BLE001 - whatever a crafted file makes the reader trip on is a bad file
+            raise TableError(f"{path}: not a readable predictor table ({type(err).__name__}: {err})") from None
+    except _OURS:
+        raise
+    except Exception as err:  # noqa: BLE001 - junk bytes reach the C unpickler's many error types
+        raise TableError(f"{path}: not a readable pickle ({type(err).__name__}: {err})") from None
     return PredictorTable.from_dict(data, str(path))
 
 
@@ -345,7 +382,12 @@ def table_from_official(snapshot: OfficialSnapshot) -> PredictorTable:
             raise TableError(f"{src}: predictor has no parameter '{needed}'")
     if "num_steps" not in kwargs:
         raise TableError(f"{src}: predictor records no num_steps")
+    n = kwargs["num_steps"]
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 2 <= n <= MAX_GRID_POINTS:
+        raise TableError(f"{src}: num_steps must be an integer in 2..{MAX_GRID_POINTS} (got {n!r})")
     r_raw = params["r_params"].astype(np.float64)
+    if r_raw.ndim != 2 or r_raw.shape[0] != n - 1:
+        raise TableError(f"{src}: r_params has shape {r_raw.shape}, but num_steps {n} needs {n - 1} rows")
     w_raw = params["weight_s"].astype(np.float64)
     w = np.exp(w_raw - w_raw.max(-1, keepdims=True))
     w = w / w.sum(-1, keepdims=True)

@@ -267,6 +267,16 @@ def test_resume_ends_with_the_same_table(tmp_path):
     assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5, 6]
 
 
+def test_resuming_a_finished_run_rewrites_nothing(tmp_path):
+    config = tiny(tmp_path, "total_kimg=0.016")
+    first, folder = train(config, run_dir=tmp_path / "done", progress=False)
+    written = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    again, _ = train(None, resume=folder, progress=False)
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == written
+    assert again.metadata["training"]["seconds"] == first.metadata["training"]["seconds"] is not None
+    np.testing.assert_array_equal(again.positions, first.positions)
+
+
 def test_killed_process_resumes_to_the_same_table(tmp_path):
     """SIGKILL a real run mid-way, resume it from the command line, compare with an uninterrupted run."""
     overrides = ["outdir=" + str(tmp_path / "exps"), "name=kill", "student.num_steps=3", "teacher.solver=euler",

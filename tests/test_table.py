@@ -274,7 +274,7 @@ def test_refusal_message_names_the_file_and_the_global(tmp_path):
     with pytest.raises(UnsafePickleError, match=r"network-snapshot\.pkl.*global os\.system.*Nothing was executed"):
         load_table(path)
     # a CLI user sees the same refusal, not a traceback
-    assert main(["show", str(path)]) == 1
+    assert main(["show", str(path)]) == 2
 
 
 def test_persistent_id_is_refused(tmp_path):
@@ -460,6 +460,17 @@ BAD = {
     "ipndm-order-9": (lambda d: d.update(solver="ipndm", max_order=9), "max_order", "1..4"),
     "missing-positions": (lambda d: d.pop("positions"), "positions", "missing"),
     "newer-version": (_set("version", 99), "version", "newer"),
+    # a strict schema: no coercion of strings, floats or other types into flags, orders and numbers
+    "missing-version": (lambda d: d.pop("version"), "version", "format version"),
+    "negative-version": (_set("version", -1), "version", "format version"),
+    "fcn-string": (_set("fcn", "no"), "fcn", "true or false"),
+    "afs-number": (_set("afs", 1), "afs", "true or false"),
+    "max-order-float": (lambda d: d.update(solver="ipndm", max_order=2.7), "max_order", "integer"),
+    "max-order-string": (lambda d: d.update(solver="ipndm", max_order="x"), "max_order", "integer"),
+    "positions-strings": (_set("positions", [["0.3", "0.6"]] * 3), "positions", "numbers"),
+    "weights-booleans": (_set("weights", [[True, False]] * 3), "weights", "numbers"),
+    "metadata-number": (_set("metadata", 5), "metadata", "mapping"),
+    "dir-scale-huge": (_set("dir_scales", [[1.0, 1e300]] * 3), "dir_scales", "[0.1, 10]"),
 }
 
 
@@ -620,9 +631,9 @@ def test_cli_uniform_honours_num_points(tmp_path, capsys):
     assert (table.num_steps, table.num_points) == (4, 3)
     np.testing.assert_allclose(table.positions, np.tile([0.25, 0.5, 0.75], (3, 1)))
     np.testing.assert_allclose(table.weights, 1 / 3)
-    assert main(["uniform", "--out", str(out), "--num-steps", "4", "--num-points", "3", "--positions", "0.2,0.8"]) == 1
+    assert main(["uniform", "--out", str(out), "--num-steps", "4", "--num-points", "3", "--positions", "0.2,0.8"]) == 2
     assert "num_points is 3" in capsys.readouterr().err
-    assert main(["uniform", "--out", str(tmp_path / "x.pkl"), "--num-steps", "4", "--positions", "0,0.5"]) == 1
+    assert main(["uniform", "--out", str(tmp_path / "x.pkl"), "--num-steps", "4", "--positions", "0,0.5"]) == 2
     assert "positions" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["k3.json"]
 
@@ -669,4 +680,4 @@ def test_convert_official_to_data_only_file(tmp_path):
             assert globals_in_pickle(out.read_bytes()) == []
     bad = subprocess.run([PYTHON, "-m", "solvers.table", "convert", str(tmp_path / "nope.pkl"), "--out",
                           str(tmp_path / "x.pkl")], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 1 and "no predictor table" in bad.stderr and not (tmp_path / "x.pkl").exists()
+    assert bad.returncode == 2 and "no predictor table" in bad.stderr and not (tmp_path / "x.pkl").exists()

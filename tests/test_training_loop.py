@@ -73,3 +73,29 @@ def test_early_stop_checkpoints_and_finishes(tmp_path):
     assert loop.run() == ("final", 10.0)                # 0 + 1 + 2 + 3 + 4 = 10 after step 5
     assert loop.finished == 5 and steps(tmp_path / "log.jsonl") == [1, 2, 3, 4, 5]
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 5
+
+
+def test_safeio_removes_only_stale_temporaries(tmp_path):
+    import os
+    import time
+
+    from safeio import atomic_write, is_temporary, remove_stale_temporaries
+
+    (tmp_path / "sub").mkdir()
+    stale, live = tmp_path / "sub" / ".000001.png.abc.tmp", tmp_path / ".000002.png.def.tmp"
+    stale.write_bytes(b"")
+    live.write_bytes(b"")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    atomic_write(tmp_path / "000003.png", b"png")
+    assert is_temporary(stale) and not is_temporary(tmp_path / "000003.png")
+    assert remove_stale_temporaries(tmp_path) == 1
+    assert not stale.exists() and live.exists() and (tmp_path / "000003.png").read_bytes() == b"png"
+
+
+def test_a_damaged_checkpoint_is_named_not_a_traceback(tmp_path):
+    import pytest
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match="checkpoint.pt is damaged"):
+        Counter(tmp_path).run()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from backends.edm_checkpoint import CheckpointError, load_edm, save_edm
 from safeio import UnsafePickleError
+from safeio.limits import LimitError
 
 __all__ = ["main"]
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                 "tensors": len(net.state_dict()), "sigma_min": net.sigma_min, "sigma_max": net.sigma_max}
         print(json.dumps(info, indent=1, default=str))
         return 0
-    except (CheckpointError, UnsafePickleError, FileNotFoundError) as err:
+    except (CheckpointError, UnsafePickleError, LimitError, FileNotFoundError, IsADirectoryError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -13,7 +13,11 @@ import sys
 from pathlib import Path
 
 from solvers.schedules import ScheduleSpec, default_rho, make_sigmas
+from safeio.limits import LimitError
 from solvers.table import TableError, UnsafePickleError, format_rows, describe, load_table, save_table, uniform_table
+
+# What a bad file or argument raises: one line naming it, exit status 2 (a traceback is left for real bugs).
+_BAD_FILE = (TableError, UnsafePickleError, LimitError, FileNotFoundError, IsADirectoryError, PermissionError)
 
 __all__ = ["main"]
 
@@ -46,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "convert":
         try:
             table = load_table(args.path)
-        except (TableError, UnsafePickleError, FileNotFoundError) as err:
+        except _BAD_FILE as err:
             print(f"error: {err}", file=sys.stderr)
-            return 1
+            return 2
         print(f"wrote {save_table(table, args.out)} ({table.num_steps} grid points, K={table.num_points}, "
               f"solver {table.solver})")
         return 0
@@ -75,18 +79,18 @@ def main(argv: list[str] | None = None) -> int:
                                      "has no alphas_cumprod")
             table = uniform_table(make_sigmas(spec, alphas_cumprod), args.num_points, positions, spec, afs=args.afs,
                                   backend=args.backend, backend_config=backend_config)
-        except (TableError, ValueError, TypeError, FileNotFoundError) as err:
+        except (ValueError, TypeError) + _BAD_FILE as err:
             print(f"error: {err}", file=sys.stderr)
-            return 2 if not isinstance(err, TableError) else 1
+            return 2
         print(f"wrote {save_table(table, args.out)} (NFE sequential {table.eval_count().sequential})")
         return 0
     status = 0
     for path in args.path:
         try:
             info = describe(load_table(path))
-        except (TableError, UnsafePickleError, FileNotFoundError) as err:
+        except _BAD_FILE as err:
             print(f"error: {err}", file=sys.stderr)
-            status = 1
+            status = 2
             continue
         if args.json:
             print(json.dumps(info, indent=1))

@@ -56,17 +56,40 @@ def compose_config(defaults: Mapping[str, Any], path: str | Path | None = None, 
     OmegaConf.set_struct(config, True)
     for section in open_sections:
         OmegaConf.set_struct(OmegaConf.select(config, section), False)
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item or not item.split("=", 1)[0].strip():
+            raise ConfigError(f"override {item!r} is not of the form key=value")
     try:
         if path is not None:
             config = OmegaConf.merge(config, _read(Path(path)))
-        overrides = list(overrides)
+        _check_kinds(OmegaConf.create(dict(defaults)), config, str(path or "the config"))
         if overrides:
             config = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
+            _check_kinds(OmegaConf.create(dict(defaults)), config, "overrides")
     except ConfigError:
         raise
     except Exception as err:  # omegaconf's own errors name the key
         raise ConfigError(f"{path or 'overrides'}: {err}") from None
     return config
+
+
+def _check_kinds(defaults: DictConfig, config: DictConfig, where: str, prefix: str = "") -> None:
+    """A setting whose default is a number, flag or string must not become a list or mapping (and a mapping
+    not a scalar): ``batch=[1,2]`` is refused here, by name, instead of failing later inside a trainer."""
+    for key in defaults:
+        if key not in config:
+            continue
+        default, value = defaults._get_node(key), config._get_node(key)
+        name = f"{prefix}{key}"
+        if isinstance(default, DictConfig):
+            if isinstance(value, DictConfig):
+                _check_kinds(default, value, where, f"{name}.")
+            elif value is not None and not OmegaConf.is_missing(config, key) and config[key] is not None:
+                raise ConfigError(f"{where}: {name} must be a mapping (got {config[key]!r})")
+        elif OmegaConf.is_config(value) and default is not None and not OmegaConf.is_config(default) \
+                and defaults[key] is not None:
+            raise ConfigError(f"{where}: {name} must be a single value like its default {defaults[key]!r}")
 
 
 def new_run_dir(outdir: str | Path, name: str) -> Path:
@@ -161,7 +184,8 @@ class TrainingLoop:
 
     A subclass sets ``run_dir``, ``rank``, ``progress``, ``stop_after``, ``iterations`` (the total) and
     ``start_iteration`` and implements :meth:`checkpoint_state`, :meth:`restore`, :meth:`train_iteration`,
-    :meth:`finish` and ``table()``; the other hooks have defaults. ``log_key`` names the counter in its logs,
+    :meth:`finish` and ``table()``; the other hooks have defaults. Resuming a finished run returns
+    :meth:`existing_result` and writes nothing. ``log_key`` names the counter in its logs,
     whose lines past a checkpoint a resumed run drops (``logs``) and writes again.
     """
 
@@ -197,6 +221,10 @@ class TrainingLoop:
     def table(self) -> Any:
         raise NotImplementedError
 
+    def existing_result(self) -> Any:
+        """The results a finished run already wrote (its final table), or None if they are not all there."""
+        return None
+
     def before_loop(self, resumed: bool) -> None:
         """Work before the first iteration of this launch (a precomputed teacher, a first evaluation)."""
 
@@ -227,8 +255,12 @@ class TrainingLoop:
         """Restore from ``checkpoint.pt`` if present and drop the log lines written after it."""
         if not self.checkpoint_path.is_file():
             return False
-        self.start_iteration = self.restore(torch.load(self.checkpoint_path, map_location=map_location,
-                                                       weights_only=True))
+        try:
+            saved = torch.load(self.checkpoint_path, map_location=map_location, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say which and what to do
+            raise ValueError(f"{self.checkpoint_path} is damaged or not a checkpoint of this trainer "
+                             f"({type(err).__name__}); remove it to restart the run from scratch") from None
+        self.start_iteration = self.restore(saved)
         if self.rank == 0:
             for name in self.logs:
                 truncate_log(self.run_dir / name, self.log_key, self.start_iteration)
@@ -238,6 +270,10 @@ class TrainingLoop:
         """Train (resuming from ``checkpoint.pt`` if present) and write the results; a run stopped by
         ``stop_after`` returns the current table and writes nothing final (a later launch resumes it)."""
         resumed = self.load_checkpoint()
+        if resumed and self.start_iteration >= self.iterations:
+            existing = self.existing_result()
+            if existing is not None:      # a finished run: resuming it again must not rewrite its results
+                return existing
         self.before_loop(resumed)
         bar = tqdm(total=self.iterations, initial=self.start_iteration, disable=not self.progress or self.rank != 0,
                    desc=self.desc, unit=self.unit)

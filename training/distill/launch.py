@@ -17,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from safeio import UnsafePickleError
+
 __all__ = ["main", "AUTHOR_FLAGS"]
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "distill"
@@ -80,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         table, folder = train(config, overrides, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, OSError, ValueError, UnsafePickleError) as err:   # user errors: one line, exit 2
         print(f"error: {err}", file=sys.stderr)
         return 2
     from backends.distributed import leave_process_group, rank_and_world

@@ -383,7 +383,8 @@ class Distiller(TrainingLoop):
         return super().load_checkpoint(self.device if map_location is None else map_location)
 
     def restore(self, saved: dict) -> int:
-        if not torch.allclose(saved["sigmas"].double().cpu(), self.sigmas):
+        grid = saved["sigmas"].double().cpu()
+        if grid.shape != self.sigmas.shape or not torch.allclose(grid, self.sigmas):
             raise ValueError(f"{self.checkpoint_path}: saved grid differs from the config's grid")
         self.params.load_state_dict(saved["params"])
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -513,6 +514,10 @@ class Distiller(TrainingLoop):
                                       alphas_cumprod=self.backend.alphas_cumprod)
 
     # -- the loop's hooks (training.runs.TrainingLoop.run) --------------------------------------------------------
+    def existing_result(self) -> PredictorTable | None:
+        path = self.run_dir / "table.pkl"
+        return load_table(path) if path.is_file() and (self.run_dir / "summary.json").is_file() else None
+
     def before_loop(self, resumed: bool) -> None:
         if int(self.config.teacher.precompute) > 0:
             self.precompute_teacher()

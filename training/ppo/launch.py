@@ -14,6 +14,7 @@ import sys
 
 from omegaconf import OmegaConf
 
+from safeio import UnsafePickleError
 from training.runs import ConfigError
 
 from .config import load_config
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import train
 
         table, folder = train(args.config, overrides, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, OSError, ValueError, UnsafePickleError) as err:   # user errors: one line, exit 2
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"run folder: {folder}\nmean table: {folder / 'table-mean.pkl'}")

@@ -316,6 +316,10 @@ class RDPOTrainer(TrainingLoop):
         self.optimizer.load_state_dict(saved["optimizer"])
         return int(saved["step"])
 
+    def existing_result(self) -> PredictorTable | None:
+        done = all((self.run_dir / name).is_file() for name in ("table-mean.pkl", "table-mode.pkl"))
+        return load_table(self.run_dir / "table-mean.pkl") if done else None
+
     def before_loop(self, resumed: bool) -> None:
         if not resumed:
             self._log_eval(self.evaluate(0))

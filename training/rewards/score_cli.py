@@ -77,11 +77,13 @@ class ScoreError(ValueError):
 # -- images ------------------------------------------------------------------------------------------------
 
 def list_images(folder: str | os.PathLike, pattern: str = "**/*.png") -> list[Path]:
-    """Files under ``folder`` matching ``pattern``, sorted by their path relative to ``folder``."""
+    """Files under ``folder`` matching ``pattern`` (hidden files skipped), sorted by their path relative to
+    ``folder``."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
-    found = {p for p in folder.glob(pattern) if p.is_file()}
+    # Hidden files (a killed writer's temporaries among them) are never images of the run.
+    found = {p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith(".")}
     return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
 
 
