@@ -40,19 +40,17 @@ class TableRows:
     dir_scales: Any = None
     time_scales: Any = None
 
-    def __getitem__(self, step: int) -> "TableRows":
-        return TableRows(*(None if v is None else v[step] for v in self._values()))
+    def map(self, fn: Callable[[Any], Any]) -> "TableRows":
+        """``fn`` applied to every present array (e.g. ``lambda v: v.to(device)``)."""
+        return TableRows(*(None if v is None else fn(v)
+                           for v in (self.positions, self.weights, self.dir_scales, self.time_scales)))
 
-    def _values(self) -> tuple:
-        return self.positions, self.weights, self.dir_scales, self.time_scales
+    def __getitem__(self, step: int) -> "TableRows":
+        return self.map(lambda v: v[step])
 
     def like(self, x: torch.Tensor) -> "TableRows":
         """The rows as tensors of ``x``'s dtype and device."""
-        return TableRows(*(None if v is None else as_tensor(v, x) for v in self._values()))
-
-    def map(self, fn: Callable[[Any], Any]) -> "TableRows":
-        """``fn`` applied to every present array (e.g. ``lambda v: v.to(device)``)."""
-        return TableRows(*(None if v is None else fn(v) for v in self._values()))
+        return self.map(lambda v: as_tensor(v, x))
 
     @property
     def num_points(self) -> int:

@@ -11,7 +11,6 @@ reader of :mod:`solvers.official`. ``python -m solvers.table show PATH [--json]`
 
 from __future__ import annotations
 
-import io
 import json
 import pickle
 import sys
@@ -23,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from safeio import UnsafePickleError, atomic_write
-from safeio.limits import MAX_TABLE_BYTES, LimitError, check_pickle, check_size, check_structure
+from safeio.limits import MAX_TABLE_BYTES, LimitError, check_size, check_structure
+from safeio.unpickle import restricted_load
 
 from .official import OfficialSnapshot, read_official
 from .schedules import ScheduleSpec, discrete_sigmas, flowmatch_sigmas, make_sigmas
@@ -276,9 +276,7 @@ def load_table(path: str | Path) -> PredictorTable:
         check_structure(data, str(path))
         return PredictorTable.from_dict(data, str(path))
     try:
-        check_pickle(raw, str(path))
-        data = _DataOnlyUnpickler(io.BytesIO(raw), str(path)).load()
-        check_structure(data, str(path))
+        data = restricted_load(raw, str(path), unpickler=_DataOnlyUnpickler)
     except _NeedsGlobals:
         try:
             return table_from_official(read_official(path))

@@ -63,10 +63,11 @@ def compose_config(defaults: Mapping[str, Any], path: str | Path | None = None, 
     try:
         if path is not None:
             config = OmegaConf.merge(config, _read(Path(path)))
-        _check_kinds(OmegaConf.create(dict(defaults)), config, str(path or "the config"))
+        kinds = OmegaConf.create(dict(defaults))
+        _check_kinds(kinds, config, str(path or "the config"))
         if overrides:
             config = OmegaConf.merge(config, OmegaConf.from_dotlist(overrides))
-            _check_kinds(OmegaConf.create(dict(defaults)), config, "overrides")
+            _check_kinds(kinds, config, "overrides")
     except ConfigError:
         raise
     except Exception as err:  # omegaconf's own errors name the key
@@ -85,10 +86,9 @@ def _check_kinds(defaults: DictConfig, config: DictConfig, where: str, prefix: s
         if isinstance(default, DictConfig):
             if isinstance(value, DictConfig):
                 _check_kinds(default, value, where, f"{name}.")
-            elif value is not None and not OmegaConf.is_missing(config, key) and config[key] is not None:
+            elif not OmegaConf.is_missing(config, key) and config[key] is not None:
                 raise ConfigError(f"{where}: {name} must be a mapping (got {config[key]!r})")
-        elif OmegaConf.is_config(value) and default is not None and not OmegaConf.is_config(default) \
-                and defaults[key] is not None:
+        elif OmegaConf.is_config(value) and not OmegaConf.is_config(default) and defaults[key] is not None:
             raise ConfigError(f"{where}: {name} must be a single value like its default {defaults[key]!r}")
 
 
