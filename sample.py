@@ -20,6 +20,7 @@ seeds are dealt round-robin to the ranks.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
@@ -27,22 +28,24 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from backends import backend_options, canonical_backend, load_backend, options_from_table, resolve_backend
+from backends import (backend_options, canonical_backend, check_table_backend, load_backend, options_from_table,
+                      resolve_backend)
 from backends.compile import use_compile_cache
 from backends.generate import Sampler, generate_batches
+from safeio.cli import ArgumentParser, entry_point
 from solvers.core import parse_seeds
 from solvers.parallel import DistributedPoints
 from solvers.registry import get_solver
 from solvers.schedules import SCHEDULES, ScheduleSpec, default_rho, make_sigmas
 from safeio import atomic_write, remove_stale_temporaries
-from solvers.table import PredictorTable, TableError, UnsafePickleError, load_table
+from solvers.table import PredictorTable, load_table
 from backends.distributed import barrier, join_process_group, leave_process_group
 from backends.images import image_grid, png_bytes, to_uint8
 from backends.prompts import read_prompts
@@ -85,7 +88,7 @@ def str2bool(value: str) -> bool:
 
 
 def build_parser(description: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description or __doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=description or __doc__.split("\n\n")[0])
     parser.add_argument("--predictor_path", "--predictor", dest="predictor_path",
                         help="table file, run folder, or numeric run id in ./exps")
     parser.add_argument("--solver", help="run a baseline solver instead of a table (e.g. dpmpp2m, ipndm, euler)")
@@ -107,6 +110,9 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
                                           "edm or cifar10/ffhq/afhqv2/imagenet64, digits_edm, digits_ddpm, digits, "
                                           "gmm) or your own as package.module:factory (docs/backends/own_model.md): "
                                           "with --solver it chooses; with a table it must match the table's")
+    parser.add_argument("--force-backend", action="store_true",
+                        help="run the table on --backend although it was fitted for another model (a deliberate "
+                             "transfer experiment; the table's own loader options are then not used)")
     parser.add_argument("--backend-config", help="JSON object merged over the table's backend_config")
     parser.add_argument("--resolution", type=int, help="image size in pixels (SD3: 512 or 1024; a table's must match)")
     parser.add_argument("--use_fp16", nargs="?", const=True, default=None, type=str2bool,
@@ -156,15 +162,16 @@ def _backend_from(args: argparse.Namespace, table: PredictorTable | None, device
     """The backend of the table (or of ``--backend``), with the command line's options; flags that the backend's
     loader does not take are refused by name (the registry knows what each accepts)."""
     meta = table.metadata if table is not None else {}
-    table_backend = canonical_backend(meta["backend"]) if meta.get("backend") else None
-    if table is not None and table_backend is None and not args.backend:
-        raise ValueError(f"the table {table.source} records no backend, and a table is only valid for the model it "
-                         "was fitted on; name that model with --backend")
+    if table is not None:
+        warning = check_table_backend(meta.get("backend"), args.backend, table.source, force=args.force_backend)
+        if warning:
+            print(warning, file=sys.stderr)
+    if args.force_backend and (table is None or not args.backend):
+        raise ValueError("--force-backend runs a table on another model: give --predictor_path and --backend")
+    # A forced table keeps only its steps: its loader options belong to the model it was fitted on.
+    table_backend = None if args.force_backend or not meta.get("backend") else canonical_backend(meta["backend"])
     given = args.backend or table_backend or "digits"
     name, entry, config = resolve_backend(given)
-    if table_backend and name != table_backend:
-        raise ValueError(f"the table was fitted for the {table_backend!r} backend (its grid and positions belong to "
-                         f"that model); --backend {args.backend!r} does not match")
     if table_backend:
         config.update(options_from_table(name, meta.get("backend_config"), meta.get("guidance_rate")))
     if args.backend_config:
@@ -277,7 +284,10 @@ def prepare(args: argparse.Namespace, rank: int = 0, world: int = 1, device: tor
         raise ValueError(f"--class {args.class_label}: the {backend_name} model is unconditional")
     if backend.condition_kind != "prompt":    # label conditions are cheap: check them all now
         distinct = list(dict.fromkeys(prompts))
-        backend.encode_prompts(distinct, seeds=list(range(len(distinct))))
+        try:
+            backend.encode_prompts(distinct, seeds=list(range(len(distinct))))
+        except ValueError as err:
+            raise ValueError(f"{args.prompt_file}: {err}" if args.prompt_file else str(err)) from None
     shard = DistributedPoints() if args.shard_points and world > 1 else None
     if table is None:
         spec = _baseline_schedule(args, backend)
@@ -330,25 +340,42 @@ def write_samples(job: SampleJob) -> tuple[int, float]:
     cfg_rows = 2 if backend.guided else 1
     if writer:
         remove_stale_temporaries(outdir)        # a killed run's half-written files (never a live write's)
-    # Deal seeds to ranks before skipping finished ones, so a resumed run keeps the same assignment.
-    mine = [(i, s) for i, s in enumerate(seeds) if shard is not None or i % world == rank]
-    todo = [(i, s) for i, s in mine if not (image_path(s).is_file() and image_path(s).with_suffix(".json").is_file())]
+    # Deal seeds to ranks before skipping finished ones, so a resumed run keeps the same assignment. Indices
+    # and seeds stay lazy (a range, a Seeds), so a run of 10^9 seeds costs no memory up front.
+    mine = range(len(seeds)) if shard is not None else range(rank, len(seeds), world)
+    skipped = 0
+
+    def todo() -> Iterator[tuple[int, int]]:
+        nonlocal skipped
+        for i in mine:
+            seed = seeds[i]
+            if image_path(seed).is_file() and image_path(seed).with_suffix(".json").is_file():
+                skipped += 1
+            else:
+                yield i, seed
+
     if rank == 0:
         share = f" (rank 0's share; {world} processes)" if world > 1 else ""
         print(f"{sampler.label} on {backend.name}: {len(sigmas) - 1} steps, NFE "
               f"{nfe.sequential} sequential (the papers' parallel NFE), {nfe.total} total per image"
-              f"{' (each a CFG batch of 2)' if cfg_rows == 2 else ''}; {len(mine) - len(todo)} of {len(mine)} "
-              f"images already in {outdir}{share}")
+              f"{' (each a CFG batch of 2)' if cfg_rows == 2 else ''}; {len(mine)} images{share}, those already "
+              f"in {outdir} are skipped")
     table_info = None if table is None else {"path": table.source, "name": table.metadata.get("name"),
                                               "source": table.metadata.get("source")}
     saved_config = {k: v for k, v in job.backend_config.items() if k not in ("device",)}
     start = time.perf_counter()
-    batches = generate_batches(backend, sampler, [s for _, s in todo], [prompts[i % len(prompts)] for i, _ in todo],
-                               batch=args.batch, decode=writer, graphed=graphed)
-    with tqdm(total=len(todo), desc="sampling", unit="img", disable=rank != 0) as bar:
+    for_seeds, for_prompts = itertools.tee(todo())
+    batches = generate_batches(backend, sampler, (seed for _, seed in for_seeds),
+                               (prompts[i % len(prompts)] for i, _ in for_prompts), batch=args.batch, decode=writer,
+                               graphed=graphed)
+    sampled = 0
+    with tqdm(total=len(mine), desc="sampling", unit="img", disable=rank != 0) as bar:
         for number, done in enumerate(batches):
+            sampled += len(done.seeds)
+            bar.n = skipped + sampled
+            bar.set_postfix(skipped=skipped, refresh=False)
+            bar.update(0)
             if not writer:
-                bar.update(len(done.seeds))
                 continue
             images = to_uint8(done.images)
             upscale = args.upscale or backend.save_upscale or max(1, 64 // images.shape[2])
@@ -364,27 +391,26 @@ def write_samples(job: SampleJob) -> tuple[int, float]:
                 if labels is not None:
                     sidecar["class_label"] = labels[j]
                 atomic_write(path.with_suffix(".json"), json.dumps(sidecar, indent=1, default=str).encode())
-            bar.update(len(done.seeds))
             if number == 0 and args.compile and rank == 0:
                 tqdm.write(f"first batch in {time.perf_counter() - start:.1f} s (compilation included; kept in "
                            f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR')})")
+        bar.n = skipped + sampled          # the finished images after the last sampled batch
+        bar.set_postfix(skipped=skipped)
     elapsed = time.perf_counter() - start
-    print(f"{f'rank {rank}: ' if world > 1 else ''}sampled {len(todo)} images in {elapsed:.2f} s; images in {outdir}/")
-    return len(todo), elapsed
+    print(f"{f'rank {rank}: ' if world > 1 else ''}sampled {sampled} images in {elapsed:.2f} s ({skipped} of "
+          f"{len(mine)} were already there); images in {outdir}/")
+    return sampled, elapsed
 
 
+@entry_point
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
     args = (parser or build_parser()).parse_args(argv)
     # A caller that set up the process group (scripts/reproduce_iccv.py runs several cells) keeps it.
     owns_group = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     rank, world, device = join_process_group()
-    try:
-        if args.device:
-            device = check_device(args.device)
-        job = prepare(args, rank, world, device)
-    except (ValueError, KeyError, OSError, NotImplementedError, TableError, UnsafePickleError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.device:
+        device = check_device(args.device)
+    job = prepare(args, rank, world, device)
     write_samples(job)
     barrier()
     if args.grid and rank == 0:

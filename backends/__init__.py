@@ -18,12 +18,13 @@ from __future__ import annotations
 from .analytic import AnalyticDiffusion, make_analytic
 from .base import Backend, BackendBase, check_backend
 from .registry import (ANALYTIC_MODELS, EDM_DATASET_ALIASES, REGISTRY, BackendEntry, backend_entry,
-                       backend_from_pipeline, backend_names, backend_options, canonical_backend, is_factory_path, load_backend,
+                       backend_from_pipeline, backend_names, backend_options, canonical_backend, check_table_backend,
+                       is_factory_path, load_backend,
                        options_from_table, register_backend, resolve_backend)
 
 __all__ = ["Backend", "BackendBase", "check_backend", "BackendEntry", "REGISTRY", "register_backend",
            "backend_entry", "resolve_backend", "load_backend", "backend_from_pipeline", "backend_options", "canonical_backend",
-           "backend_names", "is_factory_path", "options_from_table", "ANALYTIC_MODELS", "EDM_DATASET_ALIASES",
+           "backend_names", "check_table_backend", "is_factory_path", "options_from_table", "ANALYTIC_MODELS", "EDM_DATASET_ALIASES",
            "AnalyticDiffusion", "make_analytic", "BACKENDS"]
 
 BACKENDS = tuple(backend_names())

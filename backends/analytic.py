@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .base import BackendBase
+from .prompts import shown_prompt
 
 __all__ = ["AnalyticDiffusion", "GaussianMixtureDiffusion", "EmpiricalDiffusion", "load_digits_data",
            "make_analytic", "ANALYTIC_MODELS"]
@@ -98,10 +99,10 @@ class AnalyticDiffusion(BackendBase):
         for prompt in prompts:
             digits = re.findall(r"\d", prompt or "")
             if len(digits) > 1:
-                raise ValueError(f"prompt {prompt!r} names several digits; use one digit 0-9 or ''")
+                raise ValueError(f"prompt {shown_prompt(prompt)} names several digits; use one digit 0-9 or ''")
             labels.append(int(digits[0]) if digits else -1)
             if not digits and prompt and prompt.strip():
-                raise ValueError(f"prompt {prompt!r} names no digit; the analytic models understand 0-9 or ''")
+                raise ValueError(f"prompt {shown_prompt(prompt)} names no digit; the analytic models understand 0-9 or ''")
         return torch.tensor(labels, dtype=torch.long)
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:

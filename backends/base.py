@@ -22,6 +22,8 @@ import torch
 
 from solvers.schedules import ScheduleSpec
 
+from .prompts import shown_prompt
+
 __all__ = ["Backend", "BackendBase", "check_backend", "CONTRACT", "FAMILIES", "PREDICTION_TYPES",
            "CONDITION_KINDS"]
 
@@ -120,7 +122,8 @@ class BackendBase:
         for prompt in prompts:
             text = str(prompt or "").strip()
             if text and not text.lstrip("-").isdigit():
-                raise ValueError(f"prompt {prompt!r} is not a class label; the {self.name} model takes integers")
+                raise ValueError(f"prompt {shown_prompt(text)} is not a class label; the {self.name} model takes "
+                                 "integers")
             labels.append(int(text) if text else -1)
         if self.condition_kind == "none":
             if any(label != -1 for label in labels):

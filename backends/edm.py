@@ -37,6 +37,7 @@ from .base import BackendBase
 from .compile import CompiledCall
 from .cuda_graphs import GraphedCall
 from .edm_checkpoint import load_edm
+from .prompts import shown_prompt
 
 __all__ = ["EDMBackend", "EDMDataset", "EDM_DATASETS", "load_edm_backend", "class_labels_for_seeds",
            "edm_model_path", "file_sha256", "EDM_SIGMA_MIN", "EDM_SIGMA_MAX", "NVIDIA_EDM_URL"]
@@ -165,7 +166,7 @@ class EDMBackend(BackendBase):
                 labels.append(int(class_labels_for_seeds([seeds[i]], self.num_classes, self.shape)[0]))
                 continue
             if not prompt.lstrip("-").isdigit() or not -1 <= int(prompt) < self.num_classes:
-                raise ValueError(f"class {prompt!r} is not a label in -1..{self.num_classes - 1}")
+                raise ValueError(f"class {shown_prompt(prompt)} is not a label in -1..{self.num_classes - 1}")
             labels.append(int(prompt))
         return torch.tensor(labels, dtype=torch.long)
 

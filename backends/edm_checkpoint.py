@@ -298,6 +298,9 @@ def _read_safetensors(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise CheckpointError(f"{path}: not an EDM network written by save_edm (header format "
                               f"{header.get('format')!r}; convert NVIDIA's .pkl with "
                               "`python -m backends.edm_checkpoint convert IN.pkl OUT.safetensors`)")
+    if header.get("version") != "1":
+        raise CheckpointError(f"{path}: format version {header.get('version')!r} is not one this reader knows (1); "
+                              "a newer release of this code may read it")
     try:
         config = json.loads(header["config"])
     except (json.JSONDecodeError, RecursionError) as err:

@@ -42,7 +42,8 @@ from torch import nn
 
 __all__ = ["Linear", "Conv2d", "GroupNorm", "UNetBlock", "PositionalEmbedding", "FourierEmbedding", "SongUNet",
            "DhariwalUNet", "VPPrecond", "VEPrecond", "iDDPMPrecond", "EDMPrecond", "DDPMPrecond", "PRECOND_CLASSES",
-           "NETWORK_CLASSES", "build_precond", "tiny_precond"]
+           "NETWORK_CLASSES", "ARCHITECTURE_RANGES", "ARCHITECTURE_LISTS", "MAX_DISCRETE_STEPS",
+           "check_architecture", "build_precond", "tiny_precond"]
 
 
 def _init_weight(shape: Sequence[int], mode: str, fan_in: int, fan_out: int) -> torch.Tensor:
@@ -627,21 +628,58 @@ PRECOND_CLASSES: dict[str, type[_Precond]] = {"VPPrecond": VPPrecond, "VEPrecond
 #: Discretisation steps (``M`` of VP / iDDPM, ``num_timesteps`` of DDPM): the released networks use 1000; iDDPM's
 #: grid is a Python loop over M at construction, so an untrusted value must be bounded before anything is built.
 MAX_DISCRETE_STEPS = 10_000
+#: The integer constructor arguments an untrusted file may give, with their allowed range. The released networks
+#: (docs/edm.md) use resolution 32-64, 3 channels, up to 1000 labels, 128-192 model channels, 3-4 blocks per
+#: level and 4 levels; ours (the digits networks) resolution 8, 1 channel. Each bound is several times that, and
+#: keeps the layout on the meta device, which is a Python loop over levels x blocks, to a fraction of a second.
+ARCHITECTURE_RANGES: dict[str, tuple[int, int]] = {
+    "img_resolution": (1, 1024), "img_channels": (1, 16), "label_dim": (0, 100_000), "augment_dim": (0, 64),
+    "model_channels": (1, 1024), "channel_mult_emb": (1, 16), "num_blocks": (1, 16), "channel_mult_noise": (1, 16),
+    "M": (1, MAX_DISCRETE_STEPS), "num_timesteps": (1, MAX_DISCRETE_STEPS),
+}
+#: Sequence arguments: (most items, range of each item).
+ARCHITECTURE_LISTS: dict[str, tuple[int, tuple[int, int]]] = {
+    "channel_mult": (8, (1, 16)), "attn_resolutions": (8, (1, 1024)), "resample_filter": (8, (0, 16)),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_architecture(class_name: str, init_args: Sequence[Any], kwargs: dict) -> None:
+    """Refuse recorded constructor arguments outside :data:`ARCHITECTURE_RANGES` / :data:`ARCHITECTURE_LISTS`
+    (``ValueError`` naming the argument) before anything is built."""
+    positional = ("img_resolution", "img_channels", "label_dim")     # the leading parameters of every class
+    if len(init_args) > len(positional):
+        raise ValueError(f"{class_name} takes at most {len(positional)} positional arguments; the file records "
+                         f"{len(init_args)}")
+    kwargs = {**dict(zip(positional, init_args)), **kwargs}
+    for key, (lo, hi) in ARCHITECTURE_RANGES.items():
+        value = kwargs.get(key)
+        if value is not None and not (_is_int(value) and lo <= int(value) <= hi):
+            extra = " (the released networks use 1000)" if key in ("M", "num_timesteps") else ""
+            raise ValueError(f"{key} = {value!r} is outside {lo}..{hi}{extra}")
+    for key, (most, (lo, hi)) in ARCHITECTURE_LISTS.items():
+        value = kwargs.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, (list, tuple)) or len(value) > most or (not value and key != "attn_resolutions"):
+            raise ValueError(f"{key} must be a list of 1..{most} integers (got {type(value).__name__} of "
+                             f"{len(value) if isinstance(value, (list, tuple)) else '?'} items)")
+        if not all(_is_int(v) and lo <= int(v) <= hi for v in value):
+            raise ValueError(f"{key} = {list(value)[:10]!r}: each item must be an integer in {lo}..{hi}")
 
 
 def build_precond(class_name: str, init_args: Sequence[Any] = (), init_kwargs: dict | None = None,
                   device: str = "cpu") -> _Precond:
-    """Construct ``class_name`` (one of :data:`PRECOND_CLASSES`) from recorded constructor arguments.
-    ``device="meta"`` lays the network out without allocating it (shapes only)."""
+    """Construct ``class_name`` (one of :data:`PRECOND_CLASSES`) from recorded constructor arguments, checked by
+    :func:`check_architecture` first. ``device="meta"`` lays the network out without allocating it (shapes only)."""
     cls = PRECOND_CLASSES.get(class_name)
     if cls is None:
         raise ValueError(f"unknown EDM network class {class_name!r}; this reader knows {', '.join(PRECOND_CLASSES)}")
     kwargs = dict(init_kwargs or {})
-    for key in ("M", "num_timesteps"):
-        steps = kwargs.get(key)
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, (int, np.integer))
-                                  or not 1 <= int(steps) <= MAX_DISCRETE_STEPS):
-            raise ValueError(f"{key} = {steps!r} is outside 1..{MAX_DISCRETE_STEPS} (the released networks use 1000)")
+    check_architecture(class_name, init_args, kwargs)
     try:
         with torch.device(device):
             return cls(*init_args, **kwargs)

@@ -8,8 +8,9 @@ sigma = 1, docs/backends/contract.md).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -87,26 +88,29 @@ class GeneratedBatch:
         return None
 
 
-def generate_batches(backend: Backend, sampler: Sampler | Callable[..., torch.Tensor], seeds: Sequence[int],
-                     prompts: Sequence[str] | None = None, *, batch: int = 64, decode: bool = True,
+def generate_batches(backend: Backend, sampler: Sampler | Callable[..., torch.Tensor], seeds: Iterable[int],
+                     prompts: Sequence[str] | Iterator[str] | None = None, *, batch: int = 64, decode: bool = True,
                      graphed: bool = False) -> Iterator[GeneratedBatch]:
-    """Batches of at most ``batch`` images for ``seeds``; ``prompts`` pair with seeds by position (cycled; None
-    or empty: unconditional). ``sampler`` is a :class:`Sampler` or any ``fn(backend, x, cond)`` with a
+    """Batches of at most ``batch`` images for ``seeds`` (any iterable, read lazily: a batch at a time).
+    ``prompts`` pair with seeds by position: a sequence is cycled, an iterator is read alongside the seeds;
+    None or empty: unconditional. ``sampler`` is a :class:`Sampler` or any ``fn(backend, x, cond)`` with a
     ``sigmas`` attribute. ``graphed``: replay the whole sampling loop from one CUDA graph per batch shape
     (:class:`backends.cuda_graphs.GraphedSampler`; only on CUDA)."""
     if batch < 1:
         raise ValueError("batch must be >= 1")
-    prompts = list(prompts) if prompts else [""]
-    seeds = [int(s) for s in seeds]
+    if isinstance(prompts, Iterator):
+        texts_of: Iterator[str] = prompts
+    else:
+        texts_of = itertools.cycle(list(prompts) if prompts else [""])
+    pairs = zip((int(s) for s in seeds), texts_of)
     sigma_start = float(sampler.sigmas[0])
     run: Callable[[torch.Tensor, Any], torch.Tensor] = lambda x, c: sampler(backend, x, c)  # noqa: E731
     if graphed and torch.device(backend.device).type == "cuda":
         from .cuda_graphs import GraphedSampler
 
         run = GraphedSampler(run)
-    for lo in range(0, len(seeds), batch):
-        chunk = seeds[lo:lo + batch]
-        texts = [prompts[(lo + j) % len(prompts)] for j in range(len(chunk))]
+    while chunk_pairs := list(itertools.islice(pairs, batch)):
+        chunk, texts = [seed for seed, _ in chunk_pairs], [text for _, text in chunk_pairs]
         noise = seeded_noise(chunk, tuple(backend.shape), backend.state_dtype, device=backend.device)
         with torch.no_grad():
             cond = backend.encode_prompts(texts, seeds=chunk)

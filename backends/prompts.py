@@ -13,6 +13,12 @@ __all__ = ["read_prompts", "MAX_PROMPT_FILE_BYTES"]
 MAX_PROMPT_FILE_BYTES = 256 << 20
 
 
+def shown_prompt(prompt: object, limit: int = 60) -> str:
+    """A prompt quoted for an error message, cut to ``limit`` characters (a prompt file can hold one 60 MB line)."""
+    text = str(prompt)
+    return repr(text[:limit]) + ("..." if len(text) > limit else "")
+
+
 def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
     """The prompts of ``path``: a CSV column when the file ends in ``.csv`` or ``column`` is given (``column``,
     else the first of text/prompt/caption: the MS-COCO caption CSVs the authors use have ``text``), otherwise
@@ -27,6 +33,8 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text (byte {err.start}); save the prompt file as UTF-8") from None
+    if "\x00" in text:
+        raise ValueError(f"{path}: holds NUL bytes (byte {text.index(chr(0))}); a prompt file is UTF-8 text")
     if path.suffix.lower() == ".csv" or column:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         names = reader.fieldnames or []

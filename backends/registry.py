@@ -18,7 +18,7 @@ from typing import Any, Callable
 from .analytic import ANALYTIC_MODELS
 from .base import check_backend
 
-__all__ = ["BackendEntry", "REGISTRY", "register_backend", "resolve_backend", "backend_entry", "load_backend",
+__all__ = ["BackendEntry", "REGISTRY", "register_backend", "resolve_backend", "backend_entry", "load_backend", "check_table_backend",
            "backend_from_pipeline", "backend_options", "canonical_backend", "backend_names", "options_from_table", "import_object",
            "check_option_values",
            "is_factory_path", "EDM_DATASET_ALIASES", "ANALYTIC_MODELS"]
@@ -182,6 +182,24 @@ def backend_from_pipeline(pipe: Any, **options: Any) -> Any:
 # Keys of the authors' ``backend_config`` that describe the grid (the table carries its grid) or are
 # informational; they are not loader options.
 _GRID_KEYS = {"sigma_min", "sigma_max", "flowmatch_mu", "flowmatch_shift", "latent_resolution"}
+
+
+def check_table_backend(recorded: str | None, name: str | None, source: str, *, force: bool = False) -> str | None:
+    """A table is fitted to one model's grid and denoiser: refuse running it on another (``ValueError`` naming the
+    table and both models) unless ``force``; with ``force`` the mismatch is returned as a warning line. A table
+    that records no backend needs ``name`` given."""
+    if recorded is None or not str(recorded):
+        if name is None:
+            raise ValueError(f"the table {source} records no backend, and a table is only valid for the model it "
+                             "was fitted on; name that model with --backend")
+        return None
+    if name is None or canonical_backend(str(recorded)) == canonical_backend(name):
+        return None
+    if not force:
+        raise ValueError(f"the table {source} was fitted for the {recorded!r} model, not {name!r} (its grid and "
+                         "positions belong to that model); --force-backend runs it anyway")
+    return (f"warning: running the table {source}, fitted for {recorded!r}, on {name!r} (--force-backend); its "
+            "numbers belong to the other model")
 
 
 def options_from_table(name: str, backend_config: dict | None, guidance: float | None = None) -> dict:

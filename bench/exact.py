@@ -44,7 +44,6 @@ The markdown shows the best-schedule value per solver and NFE, tagged with the s
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -56,7 +55,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from backends.registry import canonical_backend
+from backends.registry import check_table_backend
+from safeio.cli import ArgumentParser, entry_point
 from solvers.core import seeded_noise
 from solvers.evaluate import (CONVERGED_SHARE, REF_SOLVER, REF_STEPS, baseline_jobs, baseline_rows, best_rows,
                               cached_states, fine_reference, reference_converged,
@@ -330,8 +330,9 @@ def _csv(text: str, cast: Any) -> list:
     return [cast(v.strip()) for v in text.split(",") if v.strip()]
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.exact", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m bench.exact", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="gmm",
                         help=f"{', '.join(BENCH_MODELS)} (with their data sets), any registered backend, or your "
                              "own as package.module:factory (docs/backends/own_model.md)")
@@ -347,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="first noise seed (sample j uses seed S + j)")
     parser.add_argument("--table", action="append", default=[], metavar="NAME=PATH",
                         help="an EPD table to run at its own NFE and grid (repeatable)")
+    parser.add_argument("--force-backend", action="store_true",
+                        help="benchmark a --table fitted for another model on --model anyway")
     parser.add_argument("--schedule", default="polynomial", choices=list(BENCH_SCHEDULES))
     parser.add_argument("--schedules", metavar="KIND,KIND,...",
                         help="run every baseline on each of these schedules and keep the best per solver and NFE "
@@ -382,15 +385,11 @@ def main(argv: list[str] | None = None) -> int:
             get_solver(name)
         except (KeyError, ValueError) as err:
             parser.error(f"--solvers: {err.args[0]}")
-    try:
-        for name, path in tables.items():
-            recorded = load_table(path).metadata.get("backend")
-            if recorded and canonical_backend(str(recorded)) != canonical_backend(args.model):
-                raise ValueError(f"--table {name}={path} was fitted for the {recorded!r} model, not --model "
-                                 f"{args.model!r} (a table is only valid on its own model and grid)")
-    except (ValueError, OSError) as err:     # TableError, UnsafePickleError and LimitError are ValueErrors
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    for name, path in tables.items():
+        warning = check_table_backend(load_table(path).metadata.get("backend"), args.model, f"--table {name}={path}",
+                                      force=args.force_backend)
+        if warning:
+            print(warning, file=sys.stderr)
     options = {"model_path": args.model_path, "device": args.device}
     if args.backend_config:
         try:
@@ -402,11 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         options.update(extra)
     if args.model in ("gmm", "digits") and any(v is not None for v in options.values()):
         parser.error("--model-path, --device and --backend-config apply to network models, not the analytic ones")
-    try:
-        loaded = bench_model(args.model, **options)
-    except (FileNotFoundError, ValueError, TypeError, NotImplementedError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    loaded = bench_model(args.model, **options)
     model = loaded[0]
     if "discrete" in kinds and model.alphas_cumprod is None:
         parser.error(f"--schedules discrete needs a discrete-time model (its alphas_cumprod); {args.model} has none")

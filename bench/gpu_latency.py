@@ -53,6 +53,7 @@ from backends.cuda_graphs import GraphedSampler  # noqa: E402
 from backends.distributed import barrier, join_process_group, leave_process_group, rank_device  # noqa: E402
 from backends.testing.random_init import TINY_RESOLUTION, build_pipeline  # noqa: E402
 from safeio import atomic_text  # noqa: E402
+from safeio.cli import ArgumentParser, entry_point  # noqa: E402
 from solvers.core import seeded_noise  # noqa: E402
 from solvers.epd import sample_epd  # noqa: E402
 from solvers.parallel import DistributedPoints  # noqa: E402
@@ -459,8 +460,9 @@ def summary(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="sd15,sd3-512,sd3-1024,flux", help=f"of {', '.join(CONFIGS)}")
     parser.add_argument("--size", default="full", choices=("tiny", "full"))
     parser.add_argument("--device", help="default cuda (LOCAL_RANK under torchrun) if available, else cpu")

@@ -11,10 +11,11 @@ absolute milliseconds are written on the bars.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from safeio.cli import ArgumentParser, entry_point
 
 BASES = ("diffusers_dpmpp2m_20_compile", "dpmpp2m_20_graph")
 LABELS = {
@@ -89,8 +90,9 @@ def plot(table: list[tuple[str, str, float, float, str]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", type=Path)
     parser.add_argument("--png", type=Path)
     parser.add_argument("--md", help="write the markdown table here ('-' for stdout)")

@@ -3,6 +3,7 @@ killed half-way) never sees half a file; the result has the mode a plain ``open(
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import tempfile
@@ -14,6 +15,9 @@ __all__ = ["atomic_write", "atomic_text", "atomic_torch_save", "is_temporary", "
 
 def atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename, so readers never see half a file."""
+    path = Path(path)
+    if path.is_dir():        # else the rename's error would name the temporary file, not the target
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

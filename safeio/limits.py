@@ -24,9 +24,10 @@ class LimitError(ValueError):
     """A file would make us spend more memory or time than any real file of its kind does."""
 
 
-#: A predictor table is a few KB (the largest released one is under 10 KB); 64 MiB leaves room for tables with
-#: thousands of steps and rich metadata.
-MAX_TABLE_BYTES = 64 << 20
+#: A predictor table is a few KB (the largest released one is under 10 KB); 16 MiB leaves room for tables with
+#: thousands of steps and rich metadata (10^4 steps of K = 10 are about 3 MB), while a file of that size
+#: unpickles to at most 16 million objects (about 130 MB of references).
+MAX_TABLE_BYTES = 16 << 20
 #: NVIDIA's largest EDM network pickle (ImageNet-64, ADM) is about 1.2 GB.
 MAX_NETWORK_BYTES = 4 << 30
 #: Pickle memo entries. A pickle stores one entry per object it may reference again. The released tables hold
@@ -90,8 +91,12 @@ def check_structure(value: Any, source: str, max_objects: int = MAX_OBJECTS, max
                              f"(shared or cyclic references); no real file of this kind does")
         if depth > max_depth:
             raise LimitError(f"refusing {source}: its structure nests deeper than {max_depth} levels")
-        for child in parts(obj):
-            stack.append((child, depth + 1))
+        children = parts(obj)
+        # Count what is queued too: a list of 10^7 items must be refused before 10^7 entries are stacked.
+        if visits + len(stack) + len(children) > max_objects:
+            raise LimitError(f"refusing {source}: its structure expands to more than {max_objects} objects "
+                             f"(shared or cyclic references, or very wide containers); no real file of this kind does")
+        stack.extend((child, depth + 1) for child in children)
     return visits
 
 

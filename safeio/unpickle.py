@@ -92,7 +92,12 @@ def _load_from_bytes(data: bytes) -> _Storage:
         storage = storages[str(key)]
         (numel,) = struct.unpack("<q", stream.read(8))
         itemsize = 2 if storage.dtype == "bfloat16" else np.dtype(storage.dtype).itemsize
-        storage.array = _decode_storage(stream.read(numel * itemsize), storage.dtype)
+        raw = stream.read(max(numel, 0) * itemsize)
+        # A count that disagrees with the storage's own, or with the bytes present, is a damaged or crafted file.
+        if numel < 0 or numel != storage.numel or len(raw) != numel * itemsize:
+            raise pickle.UnpicklingError(f"a tensor storage claims {numel} elements ({storage.numel} in its record) "
+                                         f"but holds {len(raw) // itemsize}")
+        storage.array = _decode_storage(raw, storage.dtype)
     if not isinstance(result, _Storage) or result.array is None:
         raise pickle.UnpicklingError("storage stream did not contain a storage")
     return result

@@ -34,6 +34,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from safeio.cli import ArgumentParser, entry_point  # noqa: E402
 from training.distill.config import load_config  # noqa: E402
 from training.distill.trainer import Distiller, train  # noqa: E402
 
@@ -52,8 +53,9 @@ def fill_teacher_cache(distiller: Distiller, iterations: int, chunk: int) -> tup
     return distiller.precompute_teacher(range(iterations), chunk)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--budget-s", type=float, default=120.0, help="wall time for all tables together")
     p.add_argument("--nfe", default="3,5,7,9")

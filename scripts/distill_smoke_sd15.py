@@ -12,7 +12,6 @@ memory. Prompts are stand-ins: each maps to a fixed random text embedding.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
@@ -25,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends.base import BackendBase  # noqa: E402
+from safeio.cli import ArgumentParser, entry_point  # noqa: E402
 from solvers.core import sigma_batch  # noqa: E402
 from solvers.schedules import VPDiscreteMap, sd15_alphas_cumprod  # noqa: E402
 from training.distill import Distiller, load_config  # noqa: E402
@@ -103,8 +103,9 @@ SETTINGS = {  # name -> overrides (all: SD1.5 discrete grid, dpm teacher M=1, K=
 }
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iterations", type=int, default=3, help="timed iterations per setting (after one warm-up)")
     parser.add_argument("--tiny", action="store_true", help="a tiny UNet at 8x8 latents (CPU check)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

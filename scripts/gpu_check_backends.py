@@ -13,7 +13,6 @@ Random weights make noise images; this measures cost, not quality.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import shutil
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from backends import load_backend  # noqa: E402
 from backends.testing.random_init import TINY_RESOLUTION, build_pipeline  # noqa: E402
+from safeio.cli import ArgumentParser, entry_point  # noqa: E402
 from solvers.core import EvalCounter, seeded_noise  # noqa: E402
 from solvers.epd import sample_epd  # noqa: E402
 from solvers.registry import get_solver  # noqa: E402
@@ -129,8 +129,9 @@ def check(model: str, size: str, device: torch.device, root: Path, nfe: int, rep
     return result
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="sd15,sd3,flux")
     parser.add_argument("--size", default="full", choices=("tiny", "full"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

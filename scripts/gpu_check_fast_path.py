@@ -11,7 +11,6 @@ with the largest absolute difference of the final states against eager.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backends import load_backend  # noqa: E402
 from backends.compile import use_compile_cache  # noqa: E402
 from backends.cuda_graphs import GraphedSampler  # noqa: E402
+from safeio.cli import ArgumentParser, entry_point  # noqa: E402
 from solvers.core import seeded_noise  # noqa: E402
 from solvers.epd import sample_epd  # noqa: E402
 from solvers.table import load_table  # noqa: E402
@@ -32,8 +32,9 @@ from solvers.table import load_table  # noqa: E402
 TABLE = Path(__file__).resolve().parents[1] / "exps" / "digits_edm" / "epd-nfe5.pkl"
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--compile-cache", type=Path)

@@ -17,7 +17,6 @@ training or monitoring), separately for the training prompts 0-7 and the unseen 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -32,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from backends import load_backend  # noqa: E402
 from backends.generate import Sampler, generate  # noqa: E402
+from safeio.cli import ArgumentParser, entry_point  # noqa: E402
 from solvers.schedules import polynomial_sigmas  # noqa: E402
 from safeio import atomic_write  # noqa: E402
 from solvers.table import load_table, save_table  # noqa: E402
@@ -74,8 +74,9 @@ def evaluate(images_fn, reward, digits: list[str], reference: torch.Tensor | Non
     return out, images
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "rdpo")

@@ -39,6 +39,7 @@ if str(ROOT) not in sys.path:
 
 import sample  # noqa: E402
 from backends.distributed import join_process_group, leave_process_group  # noqa: E402
+from safeio.cli import ArgumentParser, entry_point  # noqa: E402
 from solvers.core import parse_seeds  # noqa: E402
 from solvers.registry import eval_count, get_solver, steps_for_nfe  # noqa: E402
 from solvers.schedules import SCHEDULES  # noqa: E402
@@ -416,7 +417,7 @@ def _list_arg(value: str, allowed: list[str], what: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scripts/reproduce_iccv.py", description=__doc__.split("\n\n")[0],
+    parser = ArgumentParser(prog="scripts/reproduce_iccv.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="methods: " + ", ".join(f"{k} ({m.note or m.paper_row})" for k, m in
                                                                     METHODS.items()))
@@ -540,60 +541,57 @@ def run_cell(cell: Cell, args: argparse.Namespace, seeds: list[int], seeds_text:
     return result
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.all:
-            if args.nfe not in (None, "all"):
-                raise ValueError("give --all or --nfe, not both")
-            args.nfe = "all"
-        if args.nfe is None:
-            raise ValueError("give --nfe (3, 5, 7, 9, a list, or all) or --all")
-        nfes = [int(v) for v in _list_arg(args.nfe, [str(n) for n in PAPER_NFE], "nfe")]
-        with_rows = [k for k, m in METHODS.items() if m.paper_row and k not in ("euler", "heun", "unipc2")]
-        methods = _list_arg(args.method, with_rows, "method")
-        if args.seeds:
-            seeds = parse_seeds(args.seeds)
-            if args.num_images != FULL_COUNT and args.num_images != len(seeds):
-                raise ValueError(f"--seeds gives {len(seeds)} images but --num-images says {args.num_images}")
-            seeds_text = args.seeds
-        else:
-            if args.num_images < 2:
-                raise ValueError("--num-images must be >= 2 (FID needs a covariance)")
-            seeds = list(range(args.num_images))
-            seeds_text = f"0-{args.num_images - 1}"
-        if args.batch < 1:
-            raise ValueError("--batch must be >= 1")
-        if len(methods) * len(nfes) > 1 and args.table:
-            raise ValueError("--table names one table: use it with one method and one NFE")
-        cells = [plan_cell(args.dataset, m, n, table=args.table, tables_dir=args.tables_dir, schedule=args.schedule,
-                           rho=args.rho) for m in methods for n in nfes]
-        backend = DATASETS[args.dataset].backend
-        if args.dry_run:
-            for cell in cells:
-                folder = args.outdir / cell.dataset.key / cell.name
-                paper, label = paper_fid(cell.dataset.key, cell.method.key, cell.nfe)
-                print(json.dumps({**cell.describe(), "paper": paper, "paper_cell": label,
-                                  "sample_py": sample_argv(cell, folder / "images", seeds_text, args.batch,
-                                                           model_path=args.model_path, device=args.device,
-                                                           extra=_extra_sample_flags(args),
-                                                           class_labels=args.class_labels)}, default=str))
-            return 0
-        if backend not in SUPPORTED_BACKENDS:
-            raise ValueError(f"{args.dataset}: the {DATASETS[args.dataset].network} network has no backend in this "
-                             "code base yet (the released tables are read; --dry-run prints the plan)")
-        _default_files(args, DATASETS[args.dataset])
-        _preflight(args)
-    except (ValueError, KeyError, FileNotFoundError, TableError, UnsafePickleError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    if args.all:
+        if args.nfe not in (None, "all"):
+            raise ValueError("give --all or --nfe, not both")
+        args.nfe = "all"
+    if args.nfe is None:
+        raise ValueError("give --nfe (3, 5, 7, 9, a list, or all) or --all")
+    nfes = [int(v) for v in _list_arg(args.nfe, [str(n) for n in PAPER_NFE], "nfe")]
+    with_rows = [k for k, m in METHODS.items() if m.paper_row and k not in ("euler", "heun", "unipc2")]
+    methods = _list_arg(args.method, with_rows, "method")
+    if args.seeds:
+        seeds = parse_seeds(args.seeds)
+        if args.num_images != FULL_COUNT and args.num_images != len(seeds):
+            raise ValueError(f"--seeds gives {len(seeds)} images but --num-images says {args.num_images}")
+        seeds_text = args.seeds
+    else:
+        if args.num_images < 2:
+            raise ValueError("--num-images must be >= 2 (FID needs a covariance)")
+        seeds = list(range(args.num_images))
+        seeds_text = f"0-{args.num_images - 1}"
+    if args.batch < 1:
+        raise ValueError("--batch must be >= 1")
+    if len(methods) * len(nfes) > 1 and args.table:
+        raise ValueError("--table names one table: use it with one method and one NFE")
+    cells = [plan_cell(args.dataset, m, n, table=args.table, tables_dir=args.tables_dir, schedule=args.schedule,
+                       rho=args.rho) for m in methods for n in nfes]
+    backend = DATASETS[args.dataset].backend
+    if args.dry_run:
+        for cell in cells:
+            folder = args.outdir / cell.dataset.key / cell.name
+            paper, label = paper_fid(cell.dataset.key, cell.method.key, cell.nfe)
+            print(json.dumps({**cell.describe(), "paper": paper, "paper_cell": label,
+                              "sample_py": sample_argv(cell, folder / "images", seeds_text, args.batch,
+                                                       model_path=args.model_path, device=args.device,
+                                                       extra=_extra_sample_flags(args),
+                                                       class_labels=args.class_labels)}, default=str))
+        return 0
+    if backend not in SUPPORTED_BACKENDS:
+        raise ValueError(f"{args.dataset}: the {DATASETS[args.dataset].network} network has no backend in this "
+                         "code base yet (the released tables are read; --dry-run prints the plan)")
+    _default_files(args, DATASETS[args.dataset])
+    _preflight(args)
 
     rank, world, device = join_process_group()
     results = []
     try:
         for cell in cells:
             results.append(run_cell(cell, args, seeds, seeds_text, rank, world, device))
-    except (RuntimeError, ValueError, FileNotFoundError) as err:
+    except RuntimeError as err:      # a failed cell (the others' results are on disk); the decorator takes the rest
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:

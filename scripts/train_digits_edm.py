@@ -45,6 +45,7 @@ from backends.digits_edm import HELDOUT, NUM_CLASSES, digits_split, load_digits_
 from backends.edm_checkpoint import save_edm  # noqa: E402
 from backends.edm_networks import DDPMPrecond, EDMPrecond  # noqa: E402
 from backends.generate import Sampler, generate  # noqa: E402
+from safeio.cli import ArgumentParser, entry_point  # noqa: E402
 from solvers.schedules import polynomial_sigmas  # noqa: E402
 from backends.images import image_grid, png_bytes, to_uint8  # noqa: E402
 from safeio import atomic_text, atomic_torch_save, atomic_write  # noqa: E402
@@ -55,7 +56,7 @@ SAMPLE_SOLVER, SAMPLE_STEPS = "heun", 32        # samples.png and the card's sta
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--kind", choices=("edm", "ddpm"), default="edm",
                    help="edm: digits_edm (EDM preconditioning and loss); ddpm: digits_ddpm (epsilon prediction, "
@@ -386,6 +387,7 @@ def write_card(out: Path, info: dict, stats: dict | None) -> None:
 
 
 # --- training ------------------------------------------------------------------------------------------------
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     start_wall = time.perf_counter()

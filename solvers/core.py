@@ -7,11 +7,13 @@ coordinates, ``sigma`` a per-sample tensor ``[B]``. The ODE direction is ``d = (
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, is_dataclass, replace
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +30,8 @@ __all__ = [
     "seeded_noise",
     "parse_seeds",
     "SEED_LIMIT",
-    "MAX_SEEDS",
+    "MAX_SEED_ITEMS",
+    "Seeds",
     "as_tensor",
     "reuse_device_constants",
 ]
@@ -190,20 +193,72 @@ def seeded_noise(seeds: "list[int] | torch.Tensor", shape: tuple, dtype: torch.d
 
 #: Seeds are 32-bit (each seeds its own generator, :func:`seeded_noise`); seed 2^32 would silently repeat seed 0.
 SEED_LIMIT = 1 << 32
-#: Seeds one command line may ask for: ten million images is far beyond any evaluation (FID uses 50k), and the
-#: list is checked before it is built, so ``0-999999999`` costs nothing.
-MAX_SEEDS = 10_000_000
+#: Items (numbers and ranges) one ``--seeds`` text may hold; each range costs one entry however long it is.
+MAX_SEED_ITEMS = 100_000
 
 
-def parse_seeds(text: str, max_seeds: int = MAX_SEEDS) -> list[int]:
-    """``"0-19,25,30-31"`` -> [0..19, 25, 30, 31] (ranges inclusive, order kept, duplicates dropped); every seed
-    in ``[0, 2^32)`` and at most ``max_seeds`` of them, both checked before the list is built."""
-    seeds: list[int] = []
-    count = 0
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
+class Seeds(Sequence[int]):
+    """An ordered set of seeds held as disjoint ranges, so ``0-999999999`` costs a few bytes: ``len``, indexing,
+    slicing (a list) and iteration expand on demand."""
+
+    def __init__(self, ranges: Iterable[range]) -> None:
+        self.ranges = [r for r in ranges if len(r)]
+        self._ends = list(itertools.accumulate(len(r) for r in self.ranges))
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"seed index {index} out of range for {len(self)} seeds")
+        which = bisect.bisect_right(self._ends, index)
+        return self.ranges[which][index - (self._ends[which - 1] if which else 0)]
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.chain.from_iterable(self.ranges)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Seeds):
+            return self.ranges == other.ranges
+        return isinstance(other, Sequence) and len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    def __repr__(self) -> str:
+        return f"Seeds({','.join(f'{r.start}-{r.stop - 1}' if len(r) > 1 else str(r.start) for r in self.ranges)})"
+
+
+def _new_pieces(new: range, starts: list[int], stops: list[int]) -> list[range]:
+    """The parts of ``new`` outside the disjoint sorted intervals ``[starts[i], stops[i])``, which then grow to
+    cover ``new`` too (merged, still sorted); O(log n) plus the overlapped intervals."""
+    lo, hi = new.start, new.stop
+    first = bisect.bisect_right(stops, lo - 1)          # intervals ending at or after lo (touching counts)
+    last = bisect.bisect_left(starts, hi + 1)           # intervals starting at or before hi
+    pieces, cursor = [], lo
+    for start, stop in zip(starts[first:last], stops[first:last]):
+        if start > cursor:
+            pieces.append(range(cursor, min(start, hi)))
+        cursor = max(cursor, stop)
+    if cursor < hi:
+        pieces.append(range(cursor, hi))
+    merged_lo = min([lo] + starts[first:last])
+    merged_hi = max([hi] + stops[first:last])
+    starts[first:last], stops[first:last] = [merged_lo], [merged_hi]
+    return [piece for piece in pieces if len(piece)]
+
+
+def parse_seeds(text: str) -> Seeds:
+    """``"0-19,25,30-31"`` -> seeds 0..19, 25, 30, 31 (ranges inclusive, order kept, duplicates dropped), each
+    in ``[0, 2^32)``; ranges are kept as ranges (:class:`Seeds`), never expanded into a list."""
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if len(items) > MAX_SEED_ITEMS:
+        raise ValueError(f"--seeds has {len(items)} items; at most {MAX_SEED_ITEMS} (write runs as ranges: 0-999)")
+    taken: list[range] = []
+    starts: list[int] = []
+    stops: list[int] = []
+    for part in items:
         match = re.fullmatch(r"(\d+)\s*-\s*(\d+)|(\d+)", part)
         if not match:
             raise ValueError(f"bad seed item {part!r}: use numbers and inclusive ranges like 0-19,25")
@@ -212,10 +267,7 @@ def parse_seeds(text: str, max_seeds: int = MAX_SEEDS) -> list[int]:
             raise ValueError(f"bad seed range {part!r}: end before start")
         if hi >= SEED_LIMIT:
             raise ValueError(f"seed {hi} in {part!r} is not below 2^32 = {SEED_LIMIT}; seeds are 32-bit")
-        count += hi - lo + 1
-        if count > max_seeds:
-            raise ValueError(f"--seeds asks for more than {max_seeds} seeds; split the run")
-        seeds.extend(range(lo, hi + 1))
-    if not seeds:
+        taken += _new_pieces(range(lo, hi + 1), starts, stops)
+    if not taken:
         raise ValueError("no seeds given")
-    return list(dict.fromkeys(seeds))
+    return Seeds(taken)

@@ -269,7 +269,7 @@ def load_table(path: str | Path) -> PredictorTable:
     if path.suffix == ".json":
         try:
             data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except ValueError as err:        # JSONDecodeError, UnicodeDecodeError, an integer of 10^5 digits
             raise TableError(f"{path}: invalid JSON ({err})") from None
         except RecursionError:
             raise LimitError(f"refusing {path}: its JSON nests deeper than the parser can follow") from None
@@ -386,6 +386,9 @@ def table_from_official(snapshot: OfficialSnapshot) -> PredictorTable:
     r_raw = params["r_params"].astype(np.float64)
     if r_raw.ndim != 2 or r_raw.shape[0] != n - 1:
         raise TableError(f"{src}: r_params has shape {r_raw.shape}, but num_steps {n} needs {n - 1} rows")
+    k = kwargs.get("num_points", r_raw.shape[1])
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k != r_raw.shape[1]:
+        raise TableError(f"{src}: num_points {k!r} does not match r_params' {r_raw.shape[1]} columns")
     w_raw = params["weight_s"].astype(np.float64)
     w = np.exp(w_raw - w_raw.max(-1, keepdims=True))
     w = w / w.sum(-1, keepdims=True)

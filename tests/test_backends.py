@@ -233,7 +233,7 @@ def test_cli_end_to_end_images_sidecars_and_resume(model, tmp_path, tiny_model_d
     assert (out / "grid.png").is_file()
     stamp = (out / "000001.png").stat().st_mtime_ns
     assert sample.main(args, parser=parser) == 0
-    assert "3 of 3 images already" in capsys.readouterr().out
+    assert "sampled 0 images" in (out_text := capsys.readouterr().out) and "3 of 3 were already there" in out_text
     assert (out / "000001.png").stat().st_mtime_ns == stamp
 
 
@@ -267,7 +267,7 @@ def test_cli_bad_inputs_give_one_clear_error_each(tmp_path, tiny_model_dirs, bac
         (["--predictor_path", str(table), "--model_path", str(tmp_path / "missing")], "does not exist"),
         (["--predictor_path", str(table), "--seeds", "3-1"], "end before start"),
         (["--predictor_path", str(table), "--seeds", "a"], "bad seed item"),
-        (["--predictor_path", str(table), "--backend", "flux"], "fitted for the 'sd3' backend"),
+        (["--predictor_path", str(table), "--backend", "flux"], "fitted for the 'sd3' model"),
         (["--predictor_path", str(table), "--resolution", "1024"], "fitted at resolution 32"),
         (["--predictor_path", str(table), "--backend-config", "[1]"], "must be a JSON object"),
     ]

@@ -5,20 +5,21 @@ GPU benchmarks (cost does not depend on the values). ``python -m backends.testin
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 
 from backends.testing.random_init import (_DTYPES, MODELS, SIZES, build_pipeline, count_parameters,
                                           write_ldm_single_file)
+from safeio.cli import ArgumentParser, entry_point
 
 __all__ = ["main"]
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     """Build a random pipeline, save it with ``save_pretrained`` and print parameter counts per component."""
-    parser = argparse.ArgumentParser(prog="python -m tools.random_pipeline", description=main.__doc__)
+    parser = ArgumentParser(prog="python -m tools.random_pipeline", description=main.__doc__)
     parser.add_argument("--model", choices=MODELS, required=True)
     parser.add_argument("--size", choices=SIZES, default="tiny")
     parser.add_argument("--out", required=True, help="output folder (diffusers format)")

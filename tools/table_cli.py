@@ -7,23 +7,20 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
+from safeio.cli import USER_ERRORS, ArgumentParser, entry_point, error_line
 from solvers.schedules import ScheduleSpec, default_rho, make_sigmas
-from safeio.limits import LimitError
-from solvers.table import TableError, UnsafePickleError, format_rows, describe, load_table, save_table, uniform_table
-
-# What a bad file or argument raises: one line naming it, exit status 2 (a traceback is left for real bugs).
-_BAD_FILE = (TableError, UnsafePickleError, LimitError, FileNotFoundError, IsADirectoryError, PermissionError)
+from solvers.table import format_rows, describe, load_table, save_table, uniform_table
 
 __all__ = ["main"]
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m solvers.table", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m solvers.table", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("show", help="print a predictor table (ours or the authors')")
     show.add_argument("path", nargs="+")
@@ -47,12 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     convert.add_argument("path", type=Path)
     convert.add_argument("--out", required=True, type=Path, help=".pkl (data-only pickle) or .json")
     args = parser.parse_args(argv)
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).suffix not in (".pkl", ".json"):
+        parser.error(f"--out {out}: a table file ends in .pkl (data-only pickle) or .json")
     if args.command == "convert":
-        try:
-            table = load_table(args.path)
-        except _BAD_FILE as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        table = load_table(args.path)
         print(f"wrote {save_table(table, args.out)} ({table.num_steps} grid points, K={table.num_points}, "
               f"solver {table.solver})")
         return 0
@@ -64,32 +60,36 @@ def main(argv: list[str] | None = None) -> int:
                             sigma_min=args.sigma_min if args.sigma_min is not None or discrete else 0.002,
                             sigma_max=args.sigma_max if args.sigma_max is not None or discrete else 80.0,
                             rho=args.rho if args.rho is not None else default_rho(args.schedule))
+        if args.num_points < 1:
+            parser.error(f"--num-points must be >= 1 (got {args.num_points})")
         try:
             positions = [float(v) for v in args.positions.split(",")] if args.positions else \
                 ([0.335, 0.665] if args.num_points == 2 else None)
+        except ValueError:
+            parser.error(f"--positions takes comma-separated numbers in (0, 1) (got {args.positions!r})")
+        try:
             backend_config = json.loads(args.backend_config)
-            if not isinstance(backend_config, dict):
-                raise ValueError("--backend-config must be a JSON object")
-            backend_entry(args.backend)
-            alphas_cumprod = None
-            if discrete:
-                alphas_cumprod = load_backend(args.backend, **backend_config).alphas_cumprod
-                if alphas_cumprod is None:
-                    raise ValueError(f"--schedule discrete needs a discrete-time model; backend {args.backend!r} "
-                                     "has no alphas_cumprod")
-            table = uniform_table(make_sigmas(spec, alphas_cumprod), args.num_points, positions, spec, afs=args.afs,
-                                  backend=args.backend, backend_config=backend_config)
-        except (ValueError, TypeError) + _BAD_FILE as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+        except json.JSONDecodeError as err:
+            parser.error(f"--backend-config is not valid JSON ({err})")
+        if not isinstance(backend_config, dict):
+            raise ValueError("--backend-config must be a JSON object")
+        backend_entry(args.backend)
+        alphas_cumprod = None
+        if discrete:
+            alphas_cumprod = load_backend(args.backend, **backend_config).alphas_cumprod
+            if alphas_cumprod is None:
+                raise ValueError(f"--schedule discrete needs a discrete-time model; backend {args.backend!r} "
+                                 "has no alphas_cumprod")
+        table = uniform_table(make_sigmas(spec, alphas_cumprod), args.num_points, positions, spec, afs=args.afs,
+                              backend=args.backend, backend_config=backend_config)
         print(f"wrote {save_table(table, args.out)} (NFE sequential {table.eval_count().sequential})")
         return 0
     status = 0
     for path in args.path:
         try:
             info = describe(load_table(path))
-        except _BAD_FILE as err:
-            print(f"error: {err}", file=sys.stderr)
+        except USER_ERRORS as err:      # the other paths are still shown
+            print(error_line(err), file=sys.stderr)
             status = 2
             continue
         if args.json:
@@ -106,3 +106,5 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
+if __name__ == "__main__":
+    sys.exit(main())

@@ -90,6 +90,25 @@ def _check_kinds(defaults: DictConfig, config: DictConfig, where: str, prefix: s
                 raise ConfigError(f"{where}: {name} must be a mapping (got {config[key]!r})")
         elif OmegaConf.is_config(value) and not OmegaConf.is_config(default) and defaults[key] is not None:
             raise ConfigError(f"{where}: {name} must be a single value like its default {defaults[key]!r}")
+        elif not OmegaConf.is_config(value) and not OmegaConf.is_missing(config, key):
+            _check_scalar(defaults[key], config[key], f"{where}: {name}")
+
+
+def _check_scalar(default: Any, value: Any, name: str) -> None:
+    """A number stays a number and a flag a flag: ``batch=abc`` is refused by name here, not by int() later."""
+    if value is None or default is None or isinstance(default, str):
+        return
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false (got {value!r})")
+        return
+    # Numbers stay numbers; an integer default may take a float (total_kimg: 20 by default, 0.5 for a smoke run).
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{name} must be a number like its default {default!r} (got {value!r})")
+    try:
+        float(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number like its default {default!r} (got {value!r})") from None
 
 
 def new_run_dir(outdir: str | Path, name: str) -> Path:

@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from safeio import UnsafePickleError
+from safeio.cli import ArgumentParser, entry_point
 
 __all__ = ["main", "AUTHOR_FLAGS"]
 
@@ -42,8 +42,9 @@ def _value(text: str) -> str:
     return {"true": "true", "false": "false", "none": "null"}.get(lowered, text)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.distill.launch",
+    parser = ArgumentParser(prog="python -m training.distill.launch",
                                      description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", type=Path, help="YAML config (see configs/distill/)")
@@ -77,14 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         if not config.is_file():
             parser.error(f"no config for dataset {args.author_dataset_name!r} ({config} is missing)")
 
-    from .config import ConfigError
     from .trainer import train
 
-    try:
-        table, folder = train(config, overrides, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, OSError, ValueError, UnsafePickleError) as err:   # user errors: one line, exit 2
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    table, folder = train(config, overrides, resume=args.resume, progress=not args.no_progress)
     from backends.distributed import leave_process_group, rank_and_world
 
     if rank_and_world()[0] == 0:

@@ -7,12 +7,12 @@ choice) or mode, scale tables included, with all metadata. Works on a finished o
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
+from safeio.cli import ArgumentParser, entry_point
 from solvers.table import PredictorTable, load_table, save_table
 
 from .cold_start import cold_start
@@ -48,18 +48,15 @@ def export_run(run_dir: str | Path, kind: str = "mean", checkpoint: str | Path |
     return table, out
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Export an RDPO run's policy as a predictor table")
+    parser = ArgumentParser(description="Export an RDPO run's policy as a predictor table")
     parser.add_argument("run_dir")
     parser.add_argument("--kind", default="mean", choices=("mean", "mode"))
     parser.add_argument("--checkpoint", help="default: RUN/checkpoint.pt")
     parser.add_argument("--out", help="default: RUN/export/table-<kind>-step<step>.pkl")
     args = parser.parse_args(argv)
-    try:
-        table, out = export_run(args.run_dir, args.kind, args.checkpoint, args.out)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    table, out = export_run(args.run_dir, args.kind, args.checkpoint, args.out)
     print(f"wrote {out} and {out.with_suffix('.json')} (NFE {table.eval_count().sequential})")
     return 0
 

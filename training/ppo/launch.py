@@ -9,12 +9,11 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from omegaconf import OmegaConf
 
-from safeio import UnsafePickleError
+from safeio.cli import ArgumentParser, entry_point
 from training.runs import ConfigError
 
 from .config import load_config
@@ -57,8 +56,9 @@ def dry_run_report(config) -> list[str]:
             f"reward heads: {', '.join(heads)}", "config OK"]
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="RDPO: fine-tune an EPD table with PPO on a reward (Stage 2)")
+    parser = ArgumentParser(description="RDPO: fine-tune an EPD table with PPO on a reward (Stage 2)")
     parser.add_argument("--config", help="YAML file (training/ppo/cfgs/*.yaml)")
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="set one setting, e.g. ppo.learning_rate=1e-4 (repeatable)")
@@ -75,19 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         overrides.append(f"ppo.steps={args.max_steps}")
     if not args.config and not args.resume:
         parser.error("give --config (or --resume RUN_DIR)")
-    try:
-        if args.dry_run:
-            config = load_config(args.config if not args.resume else f"{args.resume}/config.yaml", overrides)
-            print(OmegaConf.to_yaml(config))
-            for line in dry_run_report(config):
-                print(line)
-            return 0
-        from .trainer import train
+    if args.dry_run:
+        config = load_config(args.config if not args.resume else f"{args.resume}/config.yaml", overrides)
+        print(OmegaConf.to_yaml(config))
+        for line in dry_run_report(config):
+            print(line)
+        return 0
+    from .trainer import train
 
-        table, folder = train(args.config, overrides, resume=args.resume, progress=not args.no_progress)
-    except (ConfigError, OSError, ValueError, UnsafePickleError) as err:   # user errors: one line, exit 2
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    table, folder = train(args.config, overrides, resume=args.resume, progress=not args.no_progress)
     print(f"run folder: {folder}\nmean table: {folder / 'table-mean.pkl'}")
     return 0
 

@@ -26,6 +26,7 @@ import json
 import os
 import sys
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 
 from safeio import atomic_write
+from safeio.cli import ArgumentParser, entry_point
 from solvers.frechet import feature_frechet_distance as fid_from_features
 from solvers.frechet import frechet_distance, statistics_from_features
 from training.rewards.score_cli import iter_image_batches, list_images, write_json
@@ -128,6 +130,10 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     return ref.mu, ref.sigma
 
 
+#: Uncompressed bytes one array of a reference .npz may have (50k x 2048 float64 features are 0.8 GB).
+MAX_REFERENCE_ARRAY_BYTES = 1 << 30
+
+
 def load_reference(ref: str | os.PathLike, weights_path: str | os.PathLike | None = None, *,
                    pattern: str = "**/*.png", batch_size: int = 50, device: str | torch.device | None = None,
                    extractor: Extractor | None = None, root: str | os.PathLike | None = None) -> Reference:
@@ -140,12 +146,22 @@ def load_reference(ref: str | os.PathLike, weights_path: str | os.PathLike | Non
         return Reference(mu, sigma, feats, feats.shape[0], str(path))
     if not path.is_file():
         raise FileNotFoundError(f"reference {path} is neither a .npz file nor a folder of images")
-    with np.load(path, allow_pickle=False) as data:
-        missing = [k for k in ("mu", "sigma") if k not in data.files]
-        if missing:
-            raise ValueError(f"{path}: a FID reference needs arrays 'mu' and 'sigma' (has {data.files})")
-        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-        feats = data["features"].astype(np.float64) if "features" in data.files else None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if not hasattr(data, "files"):
+                raise ValueError("a single array, not an .npz archive")
+            missing = [k for k in ("mu", "sigma") if k not in data.files]
+            if missing:
+                raise ValueError(f"a FID reference needs arrays 'mu' and 'sigma' (has {data.files[:10]})")
+            # A compressed member can expand a thousandfold: bound what each array may become before reading it.
+            for info in data.zip.infolist():
+                if info.file_size > MAX_REFERENCE_ARRAY_BYTES:
+                    raise ValueError(f"array {info.filename} expands to {info.file_size} bytes (limit "
+                                     f"{MAX_REFERENCE_ARRAY_BYTES}; 50k Inception features in float64 are 0.8 GB)")
+            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+            feats = data["features"].astype(np.float64) if "features" in data.files else None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(f"{path}: not a readable FID reference .npz ({err})") from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise ValueError(f"{path}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
     return Reference(mu, sigma, feats, None if feats is None else feats.shape[0], str(path))
@@ -185,7 +201,7 @@ def _default_device(device: str | None) -> str:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The ``score_fid`` flags."""
-    parser = argparse.ArgumentParser(prog=prog, description="FID (and KID) of a folder of images against a "
+    parser = ArgumentParser(prog=prog, description="FID (and KID) of a folder of images against a "
                                      "reference .npz (mu, sigma) or folder")
     parser.add_argument("--images", required=True, help="folder of generated images")
     parser.add_argument("--ref", help="reference: .npz with mu and sigma (and features for KID) or a folder")
@@ -208,50 +224,47 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+@entry_point
 def main(argv: Iterable[str] | None = None, prog: str | None = None) -> int:
     """``score_fid``: prints ``{fid, kid_mean, kid_std, count, ref, ...}`` as JSON; errors exit 2 with one line."""
     args = build_parser(prog).parse_args(list(argv) if argv is not None else None)
     start = time.perf_counter()
     device = _default_device(args.device)
-    try:
-        if not args.ref and not args.save_stats:
-            raise ValueError("give --ref (to compute FID) and/or --save-stats (to write reference statistics)")
-        if not Path(args.images).is_dir():
-            raise FileNotFoundError(f"--images {args.images} is not a folder")
-        if args.kid and not args.ref:
-            raise ValueError("--kid needs --ref")
-        weights = resolve("inception", args.weights, root=args.cache_dir)
-        ref = None
-        if args.ref and not Path(args.ref).is_dir():  # an .npz: read (and check) it before any network runs
-            ref = load_reference(args.ref)
-            if args.kid and ref.features is None:
-                raise ValueError(f"--kid needs reference features, but {args.ref} holds only mu and sigma; use a "
-                                 "folder of reference images, or an .npz written with --save-features")
-        extractor = make_extractor(weights, device)
-        feats = compute_features(args.images, pattern=args.pattern, batch_size=args.batch_size, device=device,
+    if not args.ref and not args.save_stats:
+        raise ValueError("give --ref (to compute FID) and/or --save-stats (to write reference statistics)")
+    if not Path(args.images).is_dir():
+        raise FileNotFoundError(f"--images {args.images} is not a folder")
+    if args.kid and not args.ref:
+        raise ValueError("--kid needs --ref")
+    ref = None
+    if args.ref and not Path(args.ref).is_dir():  # an .npz: read (and check) it before the weights or any network
+        ref = load_reference(args.ref)
+        if args.kid and ref.features is None:
+            raise ValueError(f"--kid needs reference features, but {args.ref} holds only mu and sigma; use a "
+                             "folder of reference images, or an .npz written with --save-features")
+    weights = resolve("inception", args.weights, root=args.cache_dir)
+    extractor = make_extractor(weights, device)
+    feats = compute_features(args.images, pattern=args.pattern, batch_size=args.batch_size, device=device,
+                             extractor=extractor)
+    result: dict = {"images_dir": str(args.images), "pattern": args.pattern, "count": int(feats.shape[0])}
+    if args.save_stats:
+        mu, sigma = statistics_from_features(feats)
+        save_statistics(args.save_stats, mu, sigma, feats if args.save_features else None)
+        result["saved_stats"] = str(args.save_stats)
+    if args.ref:
+        if ref is None:
+            ref = load_reference(args.ref, pattern=args.pattern, batch_size=args.batch_size, device=device,
                                  extractor=extractor)
-        result: dict = {"images_dir": str(args.images), "pattern": args.pattern, "count": int(feats.shape[0])}
-        if args.save_stats:
-            mu, sigma = statistics_from_features(feats)
-            save_statistics(args.save_stats, mu, sigma, feats if args.save_features else None)
-            result["saved_stats"] = str(args.save_stats)
-        if args.ref:
-            if ref is None:
-                ref = load_reference(args.ref, pattern=args.pattern, batch_size=args.batch_size, device=device,
-                                     extractor=extractor)
-            result["fid"] = fid_from_features(feats, ref.mu, ref.sigma, ref.features, method=args.method)
-            result["kid_mean"], result["kid_std"] = (None, None)
-            if args.kid:
-                result["kid_mean"], result["kid_std"] = kernel_inception_distance(
-                    feats, ref.features, args.kid_subsets, args.kid_subset_size, args.seed)
-            result["ref"] = str(args.ref)
-            result["ref_count"] = ref.count
-        result["metadata"] = {"duration": time.perf_counter() - start, "num_images": int(feats.shape[0]),
-                              "batch_size": args.batch_size, "device": device, "head": "fid",
-                              "weights": str(weights), "method": args.method}
-    except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        result["fid"] = fid_from_features(feats, ref.mu, ref.sigma, ref.features, method=args.method)
+        result["kid_mean"], result["kid_std"] = (None, None)
+        if args.kid:
+            result["kid_mean"], result["kid_std"] = kernel_inception_distance(
+                feats, ref.features, args.kid_subsets, args.kid_subset_size, args.seed)
+        result["ref"] = str(args.ref)
+        result["ref_count"] = ref.count
+    result["metadata"] = {"duration": time.perf_counter() - start, "num_images": int(feats.shape[0]),
+                          "batch_size": args.batch_size, "device": device, "head": "fid",
+                          "weights": str(weights), "method": args.method}
     text = json.dumps(result, indent=2)
     print(text)
     if args.output_json:

@@ -19,13 +19,14 @@ the old name of this module, kept as a deprecated alias for the shell scripts an
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from safeio.cli import ArgumentParser, entry_point
 
 __all__ = ["WeightFile", "MANIFEST", "HEAD_FILES", "ROOT_ENV", "DEFAULT_ROOT", "weights_root", "entry",
            "resolve", "is_present", "head_entries", "missing_for_head", "path_size", "sha256_of", "check_rows",
@@ -238,9 +239,10 @@ def _print_table(rows: Sequence[dict], out=None) -> None:
         print(f"  {r['name']}: get it from {r['source']}", file=out)
 
 
+@entry_point
 def main(argv: Iterable[str] | None = None) -> int:
     """``check`` (table, exit 0; 1 only on a checksum mismatch), ``present HEAD...``, ``where HEAD``."""
-    parser = argparse.ArgumentParser(prog="python -m training.rewards.pretrained", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m training.rewards.pretrained", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p_check = sub.add_parser("check", help="list every expected file, present or missing")
     p_check.add_argument("--root", help=f"weights root (default ${ROOT_ENV} or {DEFAULT_ROOT})")
@@ -273,7 +275,11 @@ def main(argv: Iterable[str] | None = None) -> int:
         return 0
     items = head_entries(args.head)
     if not items:
-        print(f"{args.head}: no weights files in the manifest (an offline head, or unknown)")
+        from training.rewards.registry import available_rewards
+
+        if args.head not in available_rewards():
+            raise ValueError(f"unknown head {args.head!r}; heads with files: {', '.join(sorted(HEAD_FILES))}")
+        print(f"{args.head}: no weights files in the manifest (an offline head)")
     for name, option in items:
         item = MANIFEST[name]
         path, how = _candidate(item, None, args.root)

@@ -38,6 +38,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -46,10 +47,11 @@ import torch
 from PIL import Image
 
 from safeio import atomic_write
+from safeio.cli import ArgumentParser, entry_point
 from training.rewards import registry
 from training.rewards.pretrained import head_entries, resolve
 
-__all__ = ["HEAD_DEFAULTS", "PROMPT_FREE_HEADS", "list_images", "load_image", "iter_image_batches", "read_sidecar",
+__all__ = ["HEAD_DEFAULTS", "PROMPT_FREE_HEADS", "MAX_IMAGE_PIXELS", "list_images", "load_image", "iter_image_batches", "read_sidecar",
            "pair_prompts", "parse_options", "build_head", "score_images", "summarise", "write_json", "build_parser",
            "main"]
 
@@ -74,6 +76,11 @@ class ScoreError(ValueError):
     """A usage or data error of the score CLI (one message)."""
 
 
+#: Pixels an image to score may have: 8192 x 8192, four times the largest sample any backend writes (SDXL /
+#: FLUX at 2048 x 2048). A PNG header can claim 10^9 pixels in 74 bytes; it is refused before decoding.
+MAX_IMAGE_PIXELS = 8192 * 8192
+
+
 # -- images ------------------------------------------------------------------------------------------------
 
 def list_images(folder: str | os.PathLike, pattern: str = "**/*.png") -> list[Path]:
@@ -93,8 +100,20 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", size: int | None = No
     ``mode`` is a PIL mode (``RGB`` or ``L``). ``size`` resizes to ``size x size``: nearest-neighbour when the image
     is an integer multiple of it (undoing the samplers' nearest upscale exactly), bicubic otherwise.
     """
-    with Image.open(path) as image:
-        image = image.convert(mode)
+    try:
+        with warnings.catch_warnings():       # the size is checked below, with a clearer message than PIL's
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+    except (OSError, Image.DecompressionBombError) as err:
+        raise ScoreError(f"{path}: not a readable image ({err})") from None
+    with opened as image:
+        if image.width * image.height > MAX_IMAGE_PIXELS:
+            raise ScoreError(f"{path}: {image.width} x {image.height} pixels is over the limit of {MAX_IMAGE_PIXELS} "
+                             "(8192 x 8192); no sample image is that large")
+        try:
+            image = image.convert(mode)
+        except (OSError, ValueError) as err:       # truncated or corrupt pixel data
+            raise ScoreError(f"{path}: not a readable image ({err})") from None
         if size is not None and image.size != (size, size):
             exact = image.width % size == 0 and image.height % size == 0
             image = image.resize((size, size), Image.NEAREST if exact else Image.BICUBIC)
@@ -294,7 +313,7 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def build_parser(head: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """The flags of every ``score_*`` CLI; ``head`` fixes the default ``--head``."""
-    parser = argparse.ArgumentParser(prog=prog, description=f"Score images with the {head or 'chosen'} reward head")
+    parser = ArgumentParser(prog=prog, description=f"Score images with the {head or 'chosen'} reward head")
     parser.add_argument("--head", default=head, required=head is None,
                         help="reward head (hps, hpsv2, pickscore, imagereward, clip, aesthetic, mps, digit_class, "
                              "digit_realism, image_contrast, ...)")
@@ -319,29 +338,34 @@ def build_parser(head: str | None = None, prog: str | None = None) -> argparse.A
     return parser
 
 
+@entry_point
 def main(argv: Iterable[str] | None = None, head: str | None = None, prog: str | None = None) -> int:
     """Score, print the JSON result, optionally write it; an error is one ``error: ...`` line and exit 2."""
     args = build_parser(head, prog).parse_args(list(argv) if argv is not None else None)
     start = time.perf_counter()
     name = args.head
     defaults = HEAD_DEFAULTS.get(name, {})
-    batch_size = args.batch_size or defaults.get("batch_size", 16)
+    batch_size = args.batch_size if args.batch_size is not None else defaults.get("batch_size", 16)
     mode = defaults.get("mode", "RGB") if args.image_mode == "auto" else args.image_mode
-    size = args.image_size or defaults.get("size")
+    size = args.image_size if args.image_size is not None else defaults.get("size")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        if batch_size < 1:
-            raise ScoreError(f"--batch-size must be >= 1, got {batch_size}")
-        paths = list_images(args.images, args.pattern)
-        if not paths:
-            raise ScoreError(f"no images matching {args.pattern!r} in {args.images}")
-        prompts, rule = pair_prompts(paths, args.prompts, args.pairing, prompt_free=name in PROMPT_FREE_HEADS)
-        model, info = build_head(name, args.weights, args.cache_dir, device, not args.disable_amp,
-                                 parse_options(args.option))
-        scores = score_images(model, paths, prompts, batch_size, mode, size)
-    except (ScoreError, ValueError, OSError, NotImplementedError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    # Everything cheap first: the head, its options and files, the flags; then the images, then the network.
+    if batch_size < 1:
+        raise ScoreError(f"--batch-size must be >= 1, got {batch_size}")
+    if size is not None and size < 1:
+        raise ScoreError(f"--image-size must be >= 1, got {size}")
+    _ensure_registered(name)
+    if name not in registry.available_rewards():
+        raise ScoreError(f"unknown reward head {name!r}; available: {', '.join(sorted(registry.available_rewards()))}")
+    options = parse_options(args.option)
+    if args.weights is not None and not Path(args.weights).exists():
+        raise FileNotFoundError(f"--weights {args.weights} does not exist")
+    paths = list_images(args.images, args.pattern)
+    if not paths:
+        raise ScoreError(f"no images matching {args.pattern!r} in {args.images}")
+    prompts, rule = pair_prompts(paths, args.prompts, args.pairing, prompt_free=name in PROMPT_FREE_HEADS)
+    model, info = build_head(name, args.weights, args.cache_dir, device, not args.disable_amp, options)
+    scores = score_images(model, paths, prompts, batch_size, mode, size)
     result: dict[str, Any] = {
         "images_dir": str(args.images), "pattern": args.pattern, "prompts_file": args.prompts,
         "stats": summarise(scores),
