@@ -29,6 +29,17 @@
 #   $EDM_MODELS_DIR (weights/edm), references in $FID_REFS_DIR (weights/fid-refs), results in $ICCV_OUTDIR
 #   ($RESULTS_DIR/iccv), Inception weights in $WEIGHTS_DIR (pt_inception-2015-12-05-6726825d.pth). Paths are
 #   relative to the checkout (launch.sh runs there).
+#   ./launch.sh reproduce_tpami BACKBONE METHOD [FLAGS]     one cell of the EPD-Solver++ (TPAMI) tables
+#       (docs/reproduce_tpami.md): sample one image per prompt of $PROMPTS (resumable), score HPSv2.1, PickScore,
+#       ImageReward, CLIP and Aesthetic (weights from $WEIGHTS_DIR; a missing file stops the run before sampling
+#       unless --skip-metrics names its metric), "ours X | paper Y" per metric, $TPAMI_OUTDIR/<backbone>/<cell>/
+#       scores.json
+#   ./launch.sh reproduce_tpami_table BACKBONE [FLAGS]     the same for every row of that backbone's table
+#   BACKBONE: sd15 sd3_512 sd3_1024; METHOD: epd (the released <model>-best.pkl) or a baseline row such as ddim-50,
+#   ipndm-20, heun-10-uniform, dpm2-10-logsnr, heun-14 (a comma list, or all; scripts/reproduce_tpami.py --help
+#   lists every cell); FLAGS go to scripts/reproduce_tpami.py, e.g. --model_path weights/sd3-medium --batch 8.
+#   torchrun when NPROC_PER_NODE > 1 (seeds dealt round robin; rank 0 scores). Models: --model_path, else
+#   $SD15_MODEL_PATH / $SD3_MODEL_PATH; results in $TPAMI_OUTDIR ($RESULTS_DIR/tpami).
 set -euo pipefail
 cd "$(dirname "$0")"
 # shellcheck source=scripts/pipeline_common.sh
@@ -51,6 +62,19 @@ run_reproduce_iccv() {
   fi
 }
 
+run_reproduce_tpami() {
+  local args=(--outdir "${TPAMI_OUTDIR:-$RESULTS_DIR/tpami}" --cache-dir "$WEIGHTS_DIR")
+  # test.txt is the script's own default; passing it would override a --prompt-set among the FLAGS
+  if [ "$PROMPTS" != src/prompts/test.txt ]; then args+=(--prompt-file "$PROMPTS"); fi
+  args+=("$@")
+  if [ "$NPROC_PER_NODE" -gt 1 ]; then
+    "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE" scripts/reproduce_tpami.py \
+      "${args[@]}"
+  else
+    "$PYTHON" scripts/reproduce_tpami.py "${args[@]}"
+  fi
+}
+
 case "${1:-}" in
   "") ;;  # the pipeline below
   reproduce_iccv)
@@ -61,10 +85,19 @@ case "${1:-}" in
     [ $# -ge 3 ] || die "usage: ./launch.sh reproduce_iccv_row DATASET METHOD [FLAGS] (./launch.sh help)"
     run_reproduce_iccv --dataset "$2" --method "$3" --all "${@:4}"
     exit $? ;;
+  reproduce_tpami)
+    [ $# -ge 3 ] || die "usage: ./launch.sh reproduce_tpami BACKBONE METHOD [FLAGS] (./launch.sh help)"
+    run_reproduce_tpami --backbone "$2" --method "$3" "${@:4}"
+    exit $? ;;
+  reproduce_tpami_table)
+    [ $# -ge 2 ] || die "usage: ./launch.sh reproduce_tpami_table BACKBONE [FLAGS] (./launch.sh help)"
+    run_reproduce_tpami --backbone "$2" --all "${@:3}"
+    exit $? ;;
   help | -h | --help)
     sed -n '2,/^set -euo pipefail/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
     exit 0 ;;
-  *) die "unknown target '$1' (reproduce_iccv, reproduce_iccv_row, help; no argument: the pipeline)" ;;
+  *) die "unknown target '$1' (reproduce_iccv, reproduce_iccv_row, reproduce_tpami, reproduce_tpami_table, help;" \
+         "no argument: the pipeline)" ;;
 esac
 
 wants() { [[ " $MODELS " == *" $1 "* ]]; }

@@ -42,7 +42,7 @@ from backends.generate import Sampler, generate_batches
 from safeio.cli import ArgumentParser, entry_point
 from solvers.core import parse_seeds
 from solvers.parallel import DistributedPoints
-from solvers.registry import get_solver
+from solvers.registry import SOLVERS, SolverSpec, get_solver
 from solvers.schedules import SCHEDULES, ScheduleSpec, default_rho, make_sigmas
 from safeio import atomic_write, remove_stale_temporaries
 from solvers.table import PredictorTable, load_table
@@ -99,6 +99,14 @@ def build_parser(description: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--afs", action="store_true",
                         help="baseline: analytic first step (docs/authors-code.md §1.3), one evaluation fewer "
                              "(how two-evaluation solvers reach an odd NFE); a table carries its own flag")
+    parser.add_argument("--inner-steps", type=int, default=2,
+                        help="baseline heun/dpm2: split every grid step by an inner polynomial rho-7 grid of this "
+                             "many points, as the authors' samplers do (docs/authors-code.md §4); 2 (default): whole "
+                             "steps; 3: their ICCV heun/dpm, 4 evaluations a step")
+    parser.add_argument("--afs-every-step", action="store_true",
+                        help="with --afs, baseline heun/dpm2: the analytic direction at the first evaluation of "
+                             "every grid step, one evaluation fewer per step, as the authors' dpm and ICCV heun do "
+                             "by a loop-index bug (docs/authors-code.md §9.5); default: only the run's first")
     parser.add_argument("--grid-variant", default="correct", choices=("correct", "official"),
                         help="baseline grid: correct, or the authors' (docs/authors-code.md §9.7-9.9)")
     parser.add_argument("--model_path", "--model-id", "--model_id", dest="model_path",
@@ -275,10 +283,12 @@ def prepare(args: argparse.Namespace, rank: int = 0, world: int = 1, device: tor
     table = load_table(resolve_predictor_path(args.predictor_path)) if args.predictor_path else None
     if table is not None and args.afs:
         raise ValueError("--afs is a baseline option; a table carries its own AFS flag")
+    if table is not None and (args.inner_steps != 2 or args.afs_every_step):
+        raise ValueError("--inner-steps and --afs-every-step are baseline options (give --solver heun or dpm2)")
     if table is None:
         if not args.steps or args.steps < 1:
             raise ValueError("--solver needs --steps >= 1")
-        solver = get_solver(args.solver)
+        solver = _baseline_solver(args)
     backend, backend_name, backend_config = _backend_from(args, table, device)
     if args.class_label is not None and backend.condition_kind == "none":
         raise ValueError(f"--class {args.class_label}: the {backend_name} model is unconditional")
@@ -291,13 +301,26 @@ def prepare(args: argparse.Namespace, rank: int = 0, world: int = 1, device: tor
     shard = DistributedPoints() if args.shard_points and world > 1 else None
     if table is None:
         spec = _baseline_schedule(args, backend)
-        sampler = Sampler.from_solver(solver.name, make_sigmas(spec, alphas_cumprod=backend.alphas_cumprod),
-                                      afs=args.afs)
+        sampler = Sampler.from_solver(solver, make_sigmas(spec, alphas_cumprod=backend.alphas_cumprod), afs=args.afs)
     else:
         sampler = Sampler.from_table(table, shard=shard)
     job = SampleJob(args, seeds, prompts, table, backend, backend_name, backend_config, sampler, shard, rank, world)
     check_outdir(job.outdir, "--outdir" if args.outdir else "the output folder")
     return job
+
+
+def _baseline_solver(args: argparse.Namespace) -> SolverSpec:
+    """``--solver`` with the authors' sub-step options of ``--inner-steps`` and ``--afs-every-step``."""
+    solver = get_solver(args.solver)
+    if args.inner_steps < 2:
+        raise ValueError(f"--inner-steps must be >= 2 (2 keeps every grid step whole; got {args.inner_steps})")
+    if args.afs_every_step and not args.afs:
+        raise ValueError("--afs-every-step changes where --afs applies; give --afs too")
+    if (args.inner_steps != 2 or args.afs_every_step) and not solver.sub_stepped:
+        takers = ", ".join(name for name, spec in SOLVERS.items() if spec.sub_stepped)
+        raise ValueError(f"--inner-steps and --afs-every-step apply to {takers} (the authors' sub-stepped "
+                         f"solvers), not {solver.name}")
+    return solver.with_options(inner_steps=args.inner_steps, afs_every_step=args.afs_every_step)
 
 
 def check_device(name: str) -> torch.device:
@@ -390,6 +413,8 @@ def write_samples(job: SampleJob) -> tuple[int, float]:
                            "backend_config": saved_config, "guidance": backend.guidance}
                 if labels is not None:
                     sidecar["class_label"] = labels[j]
+                if sampler.solver is not None and sampler.solver.kwargs:
+                    sidecar["solver_options"] = dict(sampler.solver.kwargs)   # e.g. inner_steps, afs_every_step
                 atomic_write(path.with_suffix(".json"), json.dumps(sidecar, indent=1, default=str).encode())
             if number == 0 and args.compile and rank == 0:
                 tqdm.write(f"first batch in {time.perf_counter() - start:.1f} s (compilation included; kept in "

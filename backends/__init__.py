@@ -7,7 +7,9 @@ factories; ``package.module:factory`` names a user's own (docs/backends/own_mode
 * ``ldm`` (SD1.x/2.x, epsilon, v or sample prediction), ``sdxl``, ``sd3`` (SD3/3.5), ``flux`` (FLUX.1-dev and
   schnell): diffusers pipelines from local paths only, or one the caller already has (:func:`backend_from_pipeline`).
 * ``edm`` (:mod:`backends.edm`): NVIDIA's EDM pixel networks; the data-set names are aliases that pick the
-  data set's network. ``lsun_ldm`` is not available yet (docs/edm.md says what is missing).
+  data set's network.
+* ``lsun_ldm`` (:mod:`backends.lsun_ldm`, alias ``lsun_bedroom_ldm``): the ICCV LSUN-Bedroom latent diffusion
+  model, CompVis' ``model.ckpt`` read code-free and converted to diffusers parts (:mod:`backends.compvis_ldm`).
 * ``digits_edm`` / ``digits_ddpm`` (:mod:`backends.digits_edm`): our small networks trained on the digits.
 * :mod:`backends.adapters`: public helpers that wrap a plain network (eps/v/x0 on a discrete VP schedule,
   EDM-preconditioned, flow velocity) as a backend.

@@ -71,6 +71,11 @@ class PromptCondition:
     def select(self, rows: slice) -> "PromptCondition":
         return self._map(lambda t: t[rows], lambda p: p[rows] if p else ())
 
+    def take(self, index: Sequence[int]) -> "PromptCondition":
+        """Rows ``index`` (repeats allowed), in that order."""
+        order = torch.as_tensor(list(index), dtype=torch.long)
+        return self._map(lambda t: t[order.to(t.device)], lambda p: [p[i] for i in index] if p else ())
+
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "PromptCondition":
         return self._map(lambda t: t.to(device=device, dtype=dtype), lambda p: p)
 
@@ -201,6 +206,9 @@ class DiffusersBackend(BackendBase):
     graphed too, and the text encoders' forwards are replayed from graphs (they run once per batch; their
     compilation would cost more start-up than it saves). The pipeline object itself is not modified: the
     text encoders' graphed forwards are swapped in only while :meth:`encode_prompts` runs.
+    ``fuse_qkv``: diffusers' ``fuse_qkv_projections()`` on the network (one matrix product for an attention's
+    q, k and v, as diffusers' speed guide does; the same values up to the order of floating-point sums). It
+    changes the network object, so every user of the pipeline sees it.
     """
 
     name = "diffusers"
@@ -211,8 +219,15 @@ class DiffusersBackend(BackendBase):
 
     def __init__(self, pipe: Any, *, guidance: float | None = None, resolution: int | None = None,
                  max_batch: int | None = None, negative_prompt: str = "", state_dtype: torch.dtype = torch.float32,
-                 cuda_graphs: bool = False, compile: bool = False):
+                 cuda_graphs: bool = False, compile: bool = False, fuse_qkv: bool = False):
         self.pipe = pipe
+        if fuse_qkv:
+            fuse = getattr(self.network, "fuse_qkv_projections", None)
+            if fuse is None:
+                raise ValueError(f"fuse_qkv=True: the {type(self.network).__name__} of the {self.name} backend has "
+                                 "no fuse_qkv_projections() in this diffusers version")
+            fuse()
+        self.fused_qkv = bool(fuse_qkv)
         self.compiled = bool(compile)
         if self.compiled and any(hasattr(m, "_hf_hook") for m in pipe.components.values()):
             raise ValueError("compile=True needs the whole pipeline on the GPU (offload none): offloading moves "
@@ -311,11 +326,17 @@ class DiffusersBackend(BackendBase):
 
     def encode_prompts(self, prompts: Sequence[str], seeds: Sequence[int] | None = None) -> PromptCondition:
         """Text embeddings for each prompt (and the negative prompt when guidance is on), on the device
-        (``seeds`` unused: text conditions do not depend on the noise)."""
+        (``seeds`` unused: text conditions do not depend on the noise). A prompt that comes several times (an
+        RDPO group, a prompt file shorter than the seeds) is encoded once and its rows repeated."""
         prompts = [str(p) for p in prompts]
-        negative = [self.negative_prompt] * len(prompts) if self.guided else None
+        position: dict[str, int] = {}
+        index = [position.setdefault(p, len(position)) for p in prompts]
+        unique = list(position)
+        negative = [self.negative_prompt] * len(unique) if self.guided else None
         with torch.no_grad(), self._graphed_text_encoders():
-            cond = self._encode(prompts, negative)
+            cond = self._encode(unique, negative)
+        if len(unique) < len(prompts):
+            cond = cond.take(index)
         return replace(cond, prompts=tuple(prompts))
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor | float, cond: PromptCondition | None = None) -> torch.Tensor:

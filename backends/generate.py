@@ -43,16 +43,16 @@ class Sampler:
         return cls(label, _grid(table.sigmas), table=table, afs=bool(table.afs), shard=shard)
 
     @classmethod
-    def from_solver(cls, name: str, sigmas: Any, afs: bool = False) -> "Sampler":
-        """A registered baseline (:mod:`solvers.registry`) on ``sigmas``."""
+    def from_solver(cls, name: Any, sigmas: Any, afs: bool = False) -> "Sampler":
+        """A registered baseline (:mod:`solvers.registry`; a name, or a ``SolverSpec`` with options) on ``sigmas``."""
         spec = get_solver(name)
-        return cls(spec.name, _grid(sigmas), solver=spec, afs=bool(afs))
+        return cls(spec.label, _grid(sigmas), solver=spec, afs=bool(afs))
 
     def eval_count(self) -> EvalCount:
         """Evaluations per image, sequential and total (the papers' NFE is the sequential one)."""
         if self.table is not None:
             return self.table.eval_count()
-        return eval_count(self.solver.name, self.sigmas, afs=self.afs)
+        return eval_count(self.solver, self.sigmas, afs=self.afs)
 
     def __call__(self, backend: Backend, x: torch.Tensor, cond: Any = None) -> torch.Tensor:
         if self.table is not None:

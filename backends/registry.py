@@ -234,13 +234,6 @@ def options_from_table(name: str, backend_config: dict | None, guidance: float |
     return options
 
 
-def _lsun_unavailable(**_: Any) -> Any:
-    raise NotImplementedError(
-        "the lsun_ldm backend (the ICCV LSUN-Bedroom latent diffusion model, CompVis lsun_bedrooms-ldm-vq-4) "
-        "is not implemented: its checkpoint needs a conversion that is not part of this repository; "
-        "docs/edm.md ('LSUN-Bedroom') says exactly what is missing")
-
-
 def _analytic(model: str = "digits", guidance: float = 1.0) -> Any:
     from .analytic import make_analytic
 
@@ -268,7 +261,8 @@ for _entry in (
                  aliases={name: {"dataset": name} for name in EDM_DATASET_ALIASES}),
     BackendEntry("digits_edm", "backends.digits_edm:load_digits_edm", "our EDM network on the digits (committed)"),
     BackendEntry("digits_ddpm", "backends.digits_edm:load_digits_ddpm", "our epsilon DDPM on the digits (committed)"),
-    BackendEntry("lsun_ldm", "backends.registry:_lsun_unavailable", "ICCV LSUN-Bedroom LDM (not implemented)",
+    BackendEntry("lsun_ldm", "backends.lsun_ldm:load_lsun_ldm",
+                 "ICCV LSUN-Bedroom latent diffusion (CompVis model.ckpt or converted .safetensors)",
                  aliases={"lsun_bedroom_ldm": {}}),
 ):
     register_backend(_entry)

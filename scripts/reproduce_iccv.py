@@ -27,24 +27,21 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import sample  # noqa: E402
-from backends.distributed import join_process_group, leave_process_group  # noqa: E402
-from safeio.cli import ArgumentParser, entry_point  # noqa: E402
-from solvers.core import parse_seeds  # noqa: E402
-from solvers.registry import eval_count, get_solver, steps_for_nfe  # noqa: E402
-from solvers.schedules import SCHEDULES  # noqa: E402
 from safeio import atomic_write  # noqa: E402
-from solvers.table import PredictorTable, TableError, UnsafePickleError, load_table  # noqa: E402
+from safeio.cli import ArgumentParser, entry_point  # noqa: E402
+from scripts import reproduce_common as common  # noqa: E402
+from scripts.reproduce_common import image_path  # noqa: E402, F401
+from solvers.core import parse_seeds  # noqa: E402
+from solvers.registry import get_solver, steps_for_nfe  # noqa: E402
+from solvers.schedules import SCHEDULES  # noqa: E402
+from solvers.table import PredictorTable, load_table  # noqa: E402
 
 __all__ = ["DATASETS", "METHODS", "PAPER_NFE", "Dataset", "Method", "Cell", "paper_table", "paper_fid",
            "default_tables_dir", "release_id", "find_release_table", "plan_cell", "sample_argv", "get_extractor",
@@ -84,8 +81,9 @@ DATASETS: dict[str, Dataset] = {d.key: d for d in [
     Dataset("digits", "digits", None, "digits", 8, None, None, None),
 ]}
 
-# Backends this code base can load (the LSUN latent diffusion model has no wrapper yet, docs/authors-code.md §5.1).
-SUPPORTED_BACKENDS = {"cifar10", "ffhq", "imagenet64", "digits"}
+# Backends this code base can load (every column of the paper's table: the EDM networks, the LSUN latent diffusion
+# model of backends/lsun_ldm.py, docs/edm.md §5), and the embedded digits.
+SUPPORTED_BACKENDS = {"cifar10", "ffhq", "imagenet64", "lsun_ldm", "digits"}
 
 
 @dataclass(frozen=True)
@@ -139,13 +137,7 @@ _RELEASE_NAME = re.compile(r"^(\d{5})-(.+)-(\d+)-(\d+)-(epd|ipndm)-.*\.pkl$")
 def default_tables_dir() -> Path | None:
     """``$EPD_ICCV_TABLES``, else the first of ``<repo>/exps/iccv`` and ``<repo>/../shared/official/iccv`` that
     exists (the authors' ``exps/*.pkl`` files, kept beside the checkout)."""
-    env = os.environ.get(TABLES_ENV)
-    if env:
-        return Path(env)
-    for candidate in (ROOT / "exps" / "iccv", ROOT.parent / "shared" / "official" / "iccv"):
-        if candidate.is_dir():
-            return candidate
-    return None
+    return common.find_tables_dir(TABLES_ENV, "iccv")
 
 
 def release_id(dataset: str, method: str, nfe: int) -> int:
@@ -190,7 +182,7 @@ def find_release_table(dataset: str, method: str, nfe: int, tables_dir: Path | N
 
 # -- a cell's plan ---------------------------------------------------------------------------------------------
 @dataclass
-class Cell:
+class Cell(common.SolverCell):
     dataset: Dataset
     method: Method
     nfe: int
@@ -206,21 +198,6 @@ class Cell:
     @property
     def name(self) -> str:
         return f"{self.method.key}-nfe{self.nfe}"
-
-    @property
-    def label(self) -> str:
-        """The solver label sample.py writes into the sidecars."""
-        if self.table is not None:
-            return "epd" if self.table.solver == "epd" else "epd_plugin"
-        return get_solver(self.solver).name
-
-    def counts(self) -> tuple[int, int]:
-        """(sequential, total) evaluations per image, from the solvers' own accounting."""
-        if self.table is not None:
-            c = self.table.eval_count()
-        else:
-            c = eval_count(self.solver, np.ones(self.steps + 1), afs=self.afs)   # no terminal zero
-        return c.sequential, c.total
 
     def describe(self) -> dict:
         seq, total = self.counts()
@@ -277,11 +254,6 @@ def plan_cell(dataset: str, method: str, nfe: int, *, table: str | Path | None =
     return cell
 
 
-def image_path(images: Path, seed: int) -> Path:
-    """Where sample.py writes a seed's image (per-1000 sub-folders)."""
-    return images / f"{seed - seed % 1000:06d}" / f"{seed:06d}.png"
-
-
 def class_prompt_file(folder: Path, num_classes: int = 1000, create: bool = False) -> Path:
     """One class index a line: sample.py pairs prompts with seeds by position, so the k-th seed gets class
     ``k mod 1000`` (``--class-labels balanced``: equal class counts). Written when ``create``."""
@@ -306,10 +278,7 @@ def sample_argv(cell: Cell, images: Path, seeds: str, batch: int, *, model_path:
             argv += ["--rho", str(cell.rho)]
         if cell.afs:
             argv.append("--afs")
-    if model_path:
-        argv += ["--model_path", model_path]
-    if device:
-        argv += ["--device", device]
+    argv += common.model_device_flags(model_path, device)
     if cell.dataset.class_conditional and class_labels == "balanced":
         argv += ["--prompt-file", str(class_prompt_file(images.parent))]
     return argv + list(extra or [])
@@ -318,27 +287,8 @@ def sample_argv(cell: Cell, images: Path, seeds: str, batch: int, *, model_path:
 # -- FID -------------------------------------------------------------------------------------------------------
 def _check_images(cell: Cell, images: Path, seeds: list[int]) -> list[Path]:
     """Every seed's image, each made by this cell's solver at this NFE (read from its sidecar)."""
-    paths = [image_path(images, s) for s in seeds]
-    missing = [p for p in paths if not (p.is_file() and p.with_suffix(".json").is_file())]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} of {len(paths)} images are missing after sampling "
-                                f"(first: {missing[0]})")
-    seq, _ = cell.counts()
-    grid = None
-    for p in paths:
-        meta = json.loads(p.with_suffix(".json").read_text())
-        if meta.get("solver") != cell.label or meta.get("nfe", {}).get("sequential") != seq:
-            raise ValueError(f"{p} was made by {meta.get('solver')} at NFE {meta.get('nfe', {}).get('sequential')}, "
-                             f"not by this cell ({cell.label} at NFE {seq}); use a fresh --outdir")
-        if cell.table_path is not None and Path((meta.get("table") or {}).get("path") or "").resolve() != \
-                Path(cell.table_path).resolve():
-            raise ValueError(f"{p} was made with the table {(meta.get('table') or {}).get('path')}, not "
-                             f"{cell.table_path}; use a fresh --outdir")
-        grid = meta.get("sigmas") if grid is None else grid
-        if meta.get("sigmas") != grid:
-            raise ValueError(f"{p} was sampled on another grid than {paths[0]} (a changed --schedule/--rho?); use a "
-                             "fresh --outdir")
-    return paths
+    return common.check_sidecars(images, seeds, cell.label, cell.counts()[0], cell.table_path,
+                          "a changed --schedule/--rho?")
 
 
 _EXTRACTORS: dict[tuple[str, str], Any] = {}
@@ -377,8 +327,13 @@ def _cuda() -> bool:
 
 
 def _default_files(args: argparse.Namespace, dataset: Dataset) -> None:
-    """``--model_path`` and ``--ref`` default to the paper's files in ``--models-dir`` / ``--refs-dir``."""
-    if not args.model_path and dataset.network:
+    """``--model_path`` and ``--ref`` default to the paper's files in ``--models-dir`` / ``--refs-dir``; the LSUN
+    model's default is the backend's own (``$LSUN_LDM_MODEL_PATH``, then ``weights/lsun_ldm/``)."""
+    if not args.model_path and dataset.backend == "lsun_ldm":
+        from backends.lsun_ldm import lsun_model_path
+
+        args.model_path = str(lsun_model_path())      # a missing file: one error naming it and the release
+    elif not args.model_path and dataset.network:
         path = args.models_dir / dataset.network
         if not path.is_file():
             raise FileNotFoundError(f"no network at {path}: give --model_path (the paper used NVIDIA's EDM "
@@ -409,13 +364,6 @@ def _preflight(args: argparse.Namespace) -> None:
 
 
 # -- CLI -------------------------------------------------------------------------------------------------------
-def _list_arg(value: str, allowed: list[str], what: str) -> list[str]:
-    items = allowed if value == "all" else [v.strip() for v in value.split(",") if v.strip()]
-    if not items:
-        raise ValueError(f"empty --{what}")
-    return items
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="scripts/reproduce_iccv.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -470,17 +418,10 @@ def _extra_sample_flags(args: argparse.Namespace) -> list[str]:
             + (["--compile-cache", args.compile_cache] if args.compile_cache else []))
 
 
-def _write_json(path: Path, data: Any) -> None:
-    atomic_write(path, (json.dumps(data, indent=1, default=str) + "\n").encode())
-
-
 def run_cell(cell: Cell, args: argparse.Namespace, seeds: list[int], seeds_text: str, rank: int, world: int,
              device: Any = None) -> dict | None:
     """Sample (every rank) through ``sample.prepare``/``sample.write_samples``, then FID on rank 0. Returns the
     result (rank 0) or None."""
-    import torch
-    import torch.distributed as dist
-
     folder = args.outdir / cell.dataset.key / cell.name
     images = folder / "images"
     extra = _extra_sample_flags(args)
@@ -488,24 +429,11 @@ def run_cell(cell: Cell, args: argparse.Namespace, seeds: list[int], seeds_text:
                        extra=extra, class_labels=args.class_labels)
     if cell.dataset.class_conditional and args.class_labels == "balanced" and rank == 0:
         class_prompt_file(folder, create=True)
-    before = sum(1 for s in seeds if image_path(images, s).is_file() and image_path(images, s).with_suffix(".json").is_file())
-    if world > 1:
-        dist.barrier()          # every rank has counted before any writes
     paper, paper_label = paper_fid(cell.dataset.key, cell.method.key, cell.nfe)
     seq, total = cell.counts()
-    if rank == 0:
-        print(f"[{cell.dataset.key} {cell.name}] {len(seeds)} images, NFE {seq} sequential / {total} total; "
-              f"sample.py {' '.join(shlex.quote(a) for a in argv)}")
-    start = time.perf_counter()
-    options = sample.build_parser().parse_args(argv)
-    try:
-        job = sample.prepare(options, rank, world, torch.device(options.device) if options.device else device)
-    except (KeyError, NotImplementedError, TableError, UnsafePickleError) as err:
-        raise ValueError(f"{cell.dataset.key} {cell.name}: {err}") from err
-    sample.write_samples(job)
-    if world > 1:
-        dist.barrier()
-    sampled = time.perf_counter() - start
+    header = f"[{cell.dataset.key} {cell.name}] {len(seeds)} images, NFE {seq} sequential / {total} total"
+    before, sampled = common.sample_cell(argv, f"{cell.dataset.key} {cell.name}", images, seeds, rank, world, device,
+                                         header)
     if rank != 0:
         return None
     paths = _check_images(cell, images, seeds)
@@ -523,20 +451,18 @@ def run_cell(cell: Cell, args: argparse.Namespace, seeds: list[int], seeds_text:
         result.update(_score(paths, args))
         fid_seconds = time.perf_counter() - t0
     result["difference"] = None if result["fid"] is None or paper is None else result["fid"] - paper
-    result["images"] = {"dir": str(images), "count": len(paths), "seeds": seeds_text, "reused": before,
-                        "generated_this_run": len(paths) - before}
+    result["images"] = common.images_record(images, paths, seeds_text, before)
     result["model_path"] = args.model_path
     result["timing"] = {"sampling_s": sampled, "fid_s": fid_seconds, "processes": world}
-    result["warnings"] = warnings
-    result["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    result["command"] = sys.argv
+    common.stamp_result(result, warnings)
     # --no-fid never overwrites a scored result: it reports the generation separately
     path = folder / ("generation.json" if args.no_fid else "fid.json")
-    _write_json(path, result)
+    common.write_json(path, result)
     ours = "- (no FID: --no-fid)" if result["fid"] is None else f"{result['fid']:.2f}"
-    theirs = f"paper {paper:.2f} ({paper_label})" if paper is not None else \
-        f"paper n/a ({cell.dataset.key}, {cell.method.key}, NFE {cell.nfe})"
-    print(f"ours {ours} | {theirs}")
+    if paper is not None:
+        print(common.versus_paper(ours, f"{paper:.2f}", paper_label))
+    else:
+        print(common.versus_paper(ours, "n/a", f"{cell.dataset.key}, {cell.method.key}, NFE {cell.nfe}"))
     print(f"result: {path}")
     return result
 
@@ -550,9 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         args.nfe = "all"
     if args.nfe is None:
         raise ValueError("give --nfe (3, 5, 7, 9, a list, or all) or --all")
-    nfes = [int(v) for v in _list_arg(args.nfe, [str(n) for n in PAPER_NFE], "nfe")]
+    nfes = [int(v) for v in common.list_arg(args.nfe, [str(n) for n in PAPER_NFE], "nfe")]
     with_rows = [k for k, m in METHODS.items() if m.paper_row and k not in ("euler", "heun", "unipc2")]
-    methods = _list_arg(args.method, with_rows, "method")
+    methods = common.list_arg(args.method, with_rows, "method")
     if args.seeds:
         seeds = parse_seeds(args.seeds)
         if args.num_images != FULL_COUNT and args.num_images != len(seeds):
@@ -586,20 +512,15 @@ def main(argv: list[str] | None = None) -> int:
     _default_files(args, DATASETS[args.dataset])
     _preflight(args)
 
-    rank, world, device = join_process_group()
-    results = []
-    try:
-        for cell in cells:
-            results.append(run_cell(cell, args, seeds, seeds_text, rank, world, device))
-    except RuntimeError as err:      # a failed cell (the others' results are on disk); the decorator takes the rest
-        print(f"error: {err}", file=sys.stderr)
+    ran = common.run_cells(cells, lambda cell, rank, world, device: run_cell(cell, args, seeds, seeds_text, rank, world,
+                                                                       device))
+    if ran is None:
         return 2
-    finally:
-        leave_process_group()
+    rank, results = ran
     if rank == 0 and len(cells) > 1:
         summary = {"dataset": args.dataset, "cells": results}
         path = args.outdir / args.dataset / f"summary-{'_'.join(methods)}-nfe{'_'.join(map(str, nfes))}.json"
-        _write_json(path, summary)
+        common.write_json(path, summary)
         print(f"{'cell':<22}{'ours':>10}{'paper':>10}")
         for r in results:
             ours = "-" if r["fid"] is None else f"{r['fid']:.2f}"

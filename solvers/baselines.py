@@ -7,17 +7,24 @@ use ``d = (x - D)/sigma``, the ODE direction in VE coordinates and, for flow-mat
 updates with ``alpha = 1`` (VE) or ``alpha = 1 - sigma`` (``flow=True``, as diffusers' flow-sigma schedulers),
 ``lambda = log(alpha / sigma)``. ``afs=True`` replaces the first denoiser evaluation by the analytic estimate
 (docs/authors-code.md §1.3), saving one evaluation.
+
+Heun and DPM-Solver-2 also take the options of the authors' sub-stepped samplers (docs/authors-code.md §4):
+``inner_steps`` splits every grid interval by an inner polynomial rho-7 grid of that many points
+(:func:`solvers.schedules.refine_grid`; 2, the default, keeps intervals whole; 3 is their ICCV ``heun`` and ``dpm``),
+and ``afs_every_step=True`` reproduces their loop-index bug (docs/authors-code.md §9.5): with ``afs`` the first
+direction of **every** grid step is analytic, not only the first of the run.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import trange
 
 from .core import Callback, Denoiser, analytic_denoised, as_tensor, direction, sigma_batch
 from .epd import adams_bashforth
+from .schedules import refine_grid
 
 __all__ = [
     "sample_euler",
@@ -30,7 +37,8 @@ __all__ = [
 
 
 class _Evaluator:
-    """Calls the denoiser, answering the very first call analytically when AFS is on."""
+    """Calls the denoiser, answering the very first call analytically when AFS is on (``afs`` is the pending
+    analytic answer: set again, it answers the next call too)."""
 
     def __init__(self, denoiser: Denoiser, cond: Any, afs: bool, flow: bool):
         self.denoiser, self.cond, self.afs, self.flow = denoiser, cond, afs, flow
@@ -72,46 +80,75 @@ def sample_euler(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = N
     return x
 
 
-def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = None, *, afs: bool = False,
-                flow: bool = False, callback: Callback | None = None, disable: bool = True) -> torch.Tensor:
-    """Heun / explicit trapezoid (EDM Alg. 1): Euler predictor, then ``x <- x + h (d + d') / 2`` with ``d'`` at
-    the predicted point; a step to sigma = 0 stays Euler. 2 evaluations per step."""
+def _sub_stepped(second_stage: Callable[..., torch.Tensor], desc: str, denoiser: Denoiser, x: torch.Tensor,
+                 sigmas: Any, cond: Any, inner_steps: int, inner_dtype: str, afs: bool, afs_every_step: bool,
+                 flow: bool, callback: Callback | None, disable: bool) -> torch.Tensor:
+    """The loop the two-stage solvers share: per grid step, its ``inner_steps - 1`` sub-steps (s, e) of the inner
+    rho-7 grid, each ``d = d(x, s)`` then ``x <- second_stage(x, d, s, e, to_zero, evaluate)``. AFS answers the
+    run's first evaluation, or with ``afs_every_step`` the first of every grid step (docs/authors-code.md §9.5).
+    The callback reports grid steps (``sigma``/``sigma_next`` of the outer grid, the first sub-step's output)."""
     sigmas, levels = _grid(sigmas, x)
+    per = int(inner_steps) - 1
+    fine, fine_levels = (sigmas, levels) if per == 1 else _grid(refine_grid(levels, inner_steps, dtype=inner_dtype), x)
     evaluate = _Evaluator(denoiser, cond, afs, flow)
-    for i in trange(len(sigmas) - 1, disable=disable, desc="heun", leave=False):
-        t_c, t_n = sigmas[i], sigmas[i + 1]
-        denoised = evaluate(x, t_c)
-        d = direction(x, denoised, t_c)
-        x_pred = x + (t_n - t_c) * d
-        if levels[i + 1] > 0:
-            d_pred = direction(x_pred, evaluate(x_pred, t_n), t_n)
-            x_pred = x + (t_n - t_c) * 0.5 * (d + d_pred)
-        x = x_pred
-        _report(callback, i, x, sigmas, denoised)
+    for i in trange(len(levels) - 1, disable=disable, desc=desc, leave=False):
+        if afs_every_step:
+            evaluate.afs = afs
+        first = None
+        for j in range(i * per, (i + 1) * per):
+            t_c, t_n = fine[j], fine[j + 1]
+            denoised = evaluate(x, t_c)
+            first = denoised if first is None else first
+            x = second_stage(x, direction(x, denoised, t_c), t_c, t_n, fine_levels[j + 1] == 0, evaluate)
+        _report(callback, i, x, sigmas, first)
     return x
+
+
+def _check_sub_steps(inner_steps: int, inner_dtype: str) -> None:
+    if isinstance(inner_steps, bool) or int(inner_steps) != inner_steps or inner_steps < 2:
+        raise ValueError(f"inner_steps must be an integer >= 2 (2 keeps each interval whole; got {inner_steps!r})")
+    if inner_dtype not in ("float32", "float64"):
+        raise ValueError(f"inner_dtype must be 'float32' or 'float64' (got {inner_dtype!r})")
+
+
+def sample_heun(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = None, *, inner_steps: int = 2,
+                inner_dtype: str = "float32", afs: bool = False, afs_every_step: bool = False, flow: bool = False,
+                callback: Callback | None = None, disable: bool = True) -> torch.Tensor:
+    """Heun / explicit trapezoid (EDM Alg. 1): Euler predictor, then ``x <- x + h (d + d') / 2`` with ``d'`` at
+    the predicted point; a step to sigma = 0 stays Euler. 2 evaluations per (sub-)step; ``inner_steps = 3`` with
+    ``afs_every_step`` is the authors' ICCV ``heun`` with AFS (module docstring)."""
+    _check_sub_steps(inner_steps, inner_dtype)
+
+    def trapezoid(x, d, t_c, t_n, to_zero, evaluate):
+        x_pred = x + (t_n - t_c) * d
+        if to_zero:
+            return x_pred
+        d_pred = direction(x_pred, evaluate(x_pred, t_n), t_n)
+        return x + (t_n - t_c) * 0.5 * (d + d_pred)
+
+    return _sub_stepped(trapezoid, "heun", denoiser, x, sigmas, cond, inner_steps, inner_dtype, afs, afs_every_step,
+                        flow, callback, disable)
 
 
 def sample_dpm2(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = None, *, r: float = 0.5,
-                afs: bool = False, flow: bool = False, callback: Callback | None = None,
-                disable: bool = True) -> torch.Tensor:
+                inner_steps: int = 2, inner_dtype: str = "float32", afs: bool = False, afs_every_step: bool = False,
+                flow: bool = False, callback: Callback | None = None, disable: bool = True) -> torch.Tensor:
     """DPM-Solver-2 (noise-prediction form, docs/authors-code.md §4 ``dpm2``): ``m = t_n^r t_c^{1-r}``, ``x_m = x + (m -
     t_c) d``, ``x <- x + (t_n - t_c) [d(x_m, m)/(2r) + (1 - 1/(2r)) d]``; with r = 1/2 the geometric midpoint, as in
-    k-diffusion's ``sample_dpm_2``. A step to sigma = 0 is Euler. 2 evaluations per step."""
-    sigmas, levels = _grid(sigmas, x)
-    evaluate = _Evaluator(denoiser, cond, afs, flow)
-    for i in trange(len(sigmas) - 1, disable=disable, desc="dpm2", leave=False):
-        t_c, t_n = sigmas[i], sigmas[i + 1]
-        denoised = evaluate(x, t_c)
-        d = direction(x, denoised, t_c)
-        if levels[i + 1] > 0:
-            t_m = t_n ** r * t_c ** (1 - r)
-            x_m = x + (t_m - t_c) * d
-            d_m = direction(x_m, evaluate(x_m, t_m), t_m)
-            x = x + (t_n - t_c) * (d_m / (2 * r) + (1 - 1 / (2 * r)) * d)
-        else:
-            x = x + (t_n - t_c) * d
-        _report(callback, i, x, sigmas, denoised)
-    return x
+    k-diffusion's ``sample_dpm_2``. A step to sigma = 0 is Euler. 2 evaluations per (sub-)step; ``inner_steps = 3``
+    is the authors' ICCV ``dpm`` (module docstring)."""
+    _check_sub_steps(inner_steps, inner_dtype)
+
+    def midpoint(x, d, t_c, t_n, to_zero, evaluate):
+        if to_zero:
+            return x + (t_n - t_c) * d
+        t_m = t_n ** r * t_c ** (1 - r)
+        x_m = x + (t_m - t_c) * d
+        d_m = direction(x_m, evaluate(x_m, t_m), t_m)
+        return x + (t_n - t_c) * (d_m / (2 * r) + (1 - 1 / (2 * r)) * d)
+
+    return _sub_stepped(midpoint, "dpm2", denoiser, x, sigmas, cond, inner_steps, inner_dtype, afs, afs_every_step,
+                        flow, callback, disable)
 
 
 def sample_ipndm(denoiser: Denoiser, x: torch.Tensor, sigmas: Any, cond: Any = None, *, max_order: int = 4,

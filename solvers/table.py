@@ -334,14 +334,16 @@ def _official_grid(snapshot: OfficialSnapshot, kwargs: dict, attrs: dict) -> tup
         return discrete_sigmas(n, rho=rho, variant="official").numpy(), spec, \
             "recomputed: SD1.5 discrete grid, authors' variant"
     if kind == "flowmatch":
+        # The flow grid ignores rho (docs/authors-code.md §3.1), but the spec records the file's schedule_rho.
         config = dict(kwargs.get("backend_config") or {})
         if backend == "flux":
             mu = float(attrs.get("flowmatch_mu") or config.get("flowmatch_mu") or 1.15)
-            spec = ScheduleSpec(kind="flowmatch", num_steps=n, sigma_min=None, sigma_max=1.0, mu=mu, variant="official")
+            spec = ScheduleSpec(kind="flowmatch", num_steps=n, sigma_min=None, sigma_max=1.0, rho=rho, mu=mu,
+                                variant="official")
         else:
             shift = float(config.get("flowmatch_shift") or attrs.get("flowmatch_shift") or 3.0) if backend != "sd3" \
                 else 3.0
-            spec = ScheduleSpec(kind="flowmatch", num_steps=n, sigma_min=None, sigma_max=1.0, shift=shift,
+            spec = ScheduleSpec(kind="flowmatch", num_steps=n, sigma_min=None, sigma_max=1.0, rho=rho, shift=shift,
                                 variant="official")
         return flowmatch_sigmas(n, spec.shift, spec.mu, variant="official").numpy(), spec, \
             f"recomputed: {backend} flow-matching grid, authors' variant (diffusers set_timesteps, zero dropped)"

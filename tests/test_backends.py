@@ -180,6 +180,35 @@ def test_conditions_repeat_in_b_k_order_and_select(backends):
     assert rep.select(slice(2, 4)).prompts == ("one", "two")
 
 
+
+@pytest.mark.parametrize("model", ["sd15", "sd3", "flux"])
+def test_fused_qkv_projections_give_the_same_denoiser(backends, tiny_model_dirs, model):
+    plain = backends[model]
+    fused = load_backend(NAMES[model], model_path=str(tiny_model_dirs[model]), device="cpu",
+                         resolution=TINY_RESOLUTION[model], fuse_qkv=True)
+    assert fused.fused_qkv and fused.pipe is not plain.pipe
+    x = torch.randn(2, *plain.shape, generator=torch.Generator().manual_seed(0))
+    sigma = torch.tensor([0.7, 0.3]) if plain.flow else torch.tensor([5.0, 0.5])
+    cond = plain.encode_prompts(["a red cube", "a blue ball"])
+    torch.testing.assert_close(fused(x, sigma, cond), plain(x, sigma, cond), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["sd15", "sd3", "flux"])
+def test_a_repeated_prompt_is_encoded_once(backends, model, monkeypatch):
+    backend = backends[model]
+    seen: list[list[str]] = []
+    encode = backend._encode
+    monkeypatch.setattr(backend, "_encode", lambda prompts, negative: (seen.append(list(prompts)),
+                                                                        encode(prompts, negative))[1])
+    cond = backend.encode_prompts(["b", "a", "b", "b"])
+    assert seen == [["b", "a"]] and cond.prompts == ("b", "a", "b", "b") and len(cond) == 4
+    alone = {p: backend.encode_prompts([p]) for p in ("a", "b")}
+    for row, prompt in enumerate(cond.prompts):
+        for name in ("embeds", "pooled", "neg_embeds", "neg_pooled"):
+            value = getattr(cond, name)
+            if value is not None:
+                torch.testing.assert_close(value[row], getattr(alone[prompt], name)[0], rtol=1e-5, atol=1e-6)
+
 def test_state_stays_float32_while_the_backbone_runs_in_half(tiny_model_dirs):
     backend = load_backend("sd3", model_path=str(tiny_model_dirs["sd3"]), device="cpu", dtype="bfloat16",
                            resolution=TINY_RESOLUTION["sd3"])

@@ -13,10 +13,11 @@ import pytest
 from safeio.cli import ArgumentParser, entry_point, error_line
 
 ROOT = Path(__file__).resolve().parents[1]
-ENTRY_POINTS = ["sample", "tools.table_cli", "tools.edm_cli", "tools.random_pipeline", "bench.exact",
-                "bench.gpu_latency", "bench.plot_latency", "training.distill.launch", "training.ppo.launch",
+ENTRY_POINTS = ["sample", "tools.table_cli", "tools.edm_cli", "tools.lsun_cli", "tools.random_pipeline",
+                "bench.exact", "bench.gpu_latency", "bench.plot_latency", "training.distill.launch", "training.ppo.launch",
                 "training.ppo.export", "training.rewards.score_cli", "training.rewards.fid",
-                "training.rewards.pretrained", "scripts.reproduce_iccv", "scripts.train_digits_edm",
+                "training.rewards.pretrained", "scripts.reproduce_iccv", "scripts.reproduce_tpami", "bench.rdpo_step",
+                "scripts.train_digits_edm",
                 "scripts.distill_digits_edm", "scripts.rdpo_digits_demo", "scripts.distill_smoke_sd15",
                 "scripts.gpu_check_backends", "scripts.gpu_check_fast_path"]
 

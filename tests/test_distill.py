@@ -463,3 +463,52 @@ def test_teacher_grid_can_be_chosen(tmp_path):
     np.testing.assert_allclose(steps, steps[0], rtol=1e-9)
     with pytest.raises(ConfigError, match="teacher.grid"):
         tiny(tmp_path, "teacher.grid=cosine")
+
+
+# -- the authors' inner teacher refinement (docs/authors-code.md §4, §6.2) ---------------------------------------
+def test_inner_steps_settings_are_checked(tmp_path):
+    assert tiny(tmp_path).teacher.inner_steps == 2 and tiny(tmp_path).teacher.inner_dtype == "float32"
+    for value in ("1", "2.5", "inf", "nan"):
+        with pytest.raises(ConfigError, match="teacher.inner_steps.*integer >= 2"):
+            tiny(tmp_path, f"teacher.inner_steps={value}")
+    with pytest.raises(ConfigError, match="teacher.inner_steps.*number"):
+        tiny(tmp_path, "teacher.inner_steps=three")
+    with pytest.raises(ConfigError, match="teacher.inner_dtype.*float32, float64"):
+        tiny(tmp_path, "teacher.inner_dtype=float16")
+    with pytest.raises(ConfigError, match="teacher.inner_steps.*adaptive"):
+        tiny(tmp_path, "teacher.solver=reference", "teacher.M=0", "teacher.inner_steps=3")
+
+
+def test_released_configs_use_the_authors_refined_teacher():
+    """heun (EPD) or dpm = our dpm2 with r = 1/2 (plugin), M = 3 (M = 2 for run 00016), 3 inner float32 points."""
+    import inspect
+
+    assert get_solver("dpm").name == "dpm2"
+    assert inspect.signature(get_solver("dpm").fn).parameters["r"].default == 0.5
+    for dataset in ("cifar10", "ffhq", "imagenet64", "lsun_bedroom_ldm"):
+        for solver, teacher in (("epd", "heun"), ("ipndm", "dpm")):
+            for nfe in (3, 5, 7, 9):
+                config = load_config(CONFIGS / f"{dataset}-{solver}-nfe{nfe}.yaml")
+                assert (config.teacher.solver, config.teacher.inner_steps, config.teacher.inner_dtype) == \
+                    (teacher, 3, "float32")
+                assert config.teacher.M == (2 if (dataset, solver, nfe) == ("lsun_bedroom_ldm", "epd", 9) else 3)
+
+
+def test_inner_steps_reach_the_teacher_the_cache_key_and_the_table(tmp_path):
+    cache = f"teacher.cache={tmp_path / 'cache'}"
+    plain = Distiller(tiny(tmp_path, "teacher.solver=heun", cache), tmp_path / "a", progress=False)
+    inner = Distiller(tiny(tmp_path, "teacher.solver=heun", "teacher.inner_steps=3", cache), tmp_path / "b",
+                      progress=False)
+    exact = Distiller(tiny(tmp_path, "teacher.solver=heun", "teacher.inner_steps=3", "teacher.inner_dtype=float64",
+                           cache), tmp_path / "c", progress=False)
+    assert len({plain.cache.folder, inner.cache.folder, exact.cache.folder}) == 3      # three keys
+    plain_key = json.loads((plain.cache.folder / "key.json").read_text())["teacher"]
+    assert "inner_steps" not in plain_key and "inner_dtype" not in plain_key          # default: the old key
+    assert json.loads((inner.cache.folder / "key.json").read_text())["teacher"]["inner_steps"] == 3
+    ids = torch.arange(4)
+    x = inner._start_states(ids)
+    want = teacher_states(inner.backend, x, inner.sigmas, solver="heun", M=2, schedule=inner.schedule, inner_steps=3)
+    torch.testing.assert_close(inner._teacher(x, None), want, rtol=0, atol=0)
+    assert not torch.allclose(plain._teacher(x, None), want)
+    assert inner.metadata()["teacher"] == {"solver": "heun", "M": 2, "inner_steps": 3, "inner_dtype": "float32"}
+    assert plain.metadata()["teacher"] == {"solver": "heun", "M": 2}

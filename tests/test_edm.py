@@ -477,10 +477,12 @@ def test_backend_loading_options_and_errors(tmp_path, monkeypatch, dataset_netwo
         load_backend("edm", model_path=str(dataset_networks["cifar10"]), resolution=64)
     with pytest.raises(ValueError, match="no classifier-free guidance"):
         load_backend("edm", model_path=str(dataset_networks["cifar10"]), guidance=2.0)
-    with pytest.raises(NotImplementedError, match="docs/edm.md"):
-        load_backend("lsun_ldm")
-    with pytest.raises(NotImplementedError):
-        load_backend("lsun_bedroom_ldm")
+    # lsun_ldm has a backend now (tests/test_lsun_ldm.py); without its file it names the file and the release
+    monkeypatch.delenv("LSUN_LDM_MODEL_PATH", raising=False)
+    with pytest.raises(FileNotFoundError, match="lsun_bedrooms.zip"):
+        load_backend("lsun_ldm", model_path=str(tmp_path / "model.ckpt"))
+    with pytest.raises(FileNotFoundError, match="model.ckpt"):
+        load_backend("lsun_bedroom_ldm", model_path=str(tmp_path / "model.ckpt"))
     # the weights folder convention: a converted copy under weights/edm/ is found without any flag
     monkeypatch.delenv("EDM_CIFAR10_PATH")
     (tmp_path / "weights" / "edm").mkdir(parents=True)

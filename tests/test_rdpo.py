@@ -17,7 +17,7 @@ from solvers.table import load_table
 from training.ppo import cold_start, group_indices, load_config, rloo_advantages, train
 from training.ppo.export import export_run
 from training.ppo.launch import main as launch_main
-from training.ppo.trainer import RDPOTrainer
+from training.ppo.trainer import RDPOTrainer, backend_spec
 from training.runs import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +58,9 @@ def test_configs_load_and_errors_name_the_setting(tmp_path):
         config = load_config(ROOT / "training/ppo/cfgs" / f"{name}.yaml", overrides=[
             f"data.predictor_snapshot={ROOT / 'exps/rdpo/digits-nfe3-stage1.pkl'}", f"data.prompt_csv={ROOT / 'src/prompts/eval.txt'}"])
         assert config.reward.weights.hps == 1.0 and config.ppo.learning_rate == 7e-5 and config.ppo.kl_coef == 0
+        if name in ("sd3_1024", "flux_dev"):   # the authors' long runs roll out on the fast path
+            name_, options = backend_spec(config, load_table(ROOT / "exps/rdpo/digits-nfe3-stage1.pkl"))
+            assert options["compile"] is True and options["fuse_qkv"] is True and name_ == name.split("_")[0]
     flux = load_config(ROOT / "training/ppo/cfgs/flux_dev.yaml", [f"data.predictor_snapshot={CONFIG}",
                                                                   f"data.prompt_csv={CONFIG}"])
     assert flux.ppo.dirichlet_concentration == 10 and flux.ppo.train_scale_dir is False and flux.ppo.steps == 20000

@@ -49,6 +49,10 @@ DEFAULTS: dict[str, Any] = {
         "M": 1,                       # intermediate teacher steps per student interval
         "grid": "same",               # same: the student's grid family refined M-fold | log: each interval split
                                       # uniformly in log sigma (both keep the student's points)
+        "inner_steps": 2,             # the authors' refinement (docs/authors-code.md §4, §6.2): every teacher interval
+                                      # split again by a polynomial rho-7 grid of this many points; 2: no split,
+                                      # 3: their ICCV heun/dpm teachers (2 sub-steps each)
+        "inner_dtype": "float32",     # float32: the inner grid as their get_schedule computes it | float64
         "rtol": 1.0e-6,               # reference teacher only
         "cache": None,                # folder for cached teacher trajectories (null: no cache)
         "precompute": 0,              # > 0: before training, solve the teacher for every iteration's trajectories
@@ -110,6 +114,7 @@ _CHOICES = {
     "schedule.kind": ("polynomial", "logsnr", "time_uniform", "discrete", "flowmatch"),
     "validation.select": ("best", "last"),
     "teacher.grid": ("same", "log"),
+    "teacher.inner_dtype": ("float32", "float64"),
 }
 _SCHEDULE_KINDS = ("polynomial", "logsnr", "time_uniform", "discrete", "flowmatch")
 
@@ -158,6 +163,12 @@ def validate(config: DictConfig) -> None:
             raise ConfigError(f"setting 'teacher.solver': {err.args[0]}; or 'reference'") from None
     if int(config.teacher.M) < 0:
         fail("teacher.M", "must be >= 0")
+    inner = float(config.teacher.inner_steps)
+    if not (inner >= 2 and inner < 2 ** 31 and inner == int(inner)):     # also refuses nan and inf
+        fail("teacher.inner_steps", "must be an integer >= 2 (2: no inner split; 3: the authors' ICCV teachers)")
+    if inner > 2 and config.teacher.solver == "reference":
+        fail("teacher.inner_steps", "splits the grid of a fixed-step teacher; the reference solver is adaptive "
+                                    "(use 2)")
     if int(config.teacher.precompute) < 0:
         fail("teacher.precompute", "must be >= 0 (0: the teacher runs batch by batch)")
     if int(config.teacher.precompute) > 0 and not config.teacher.cache:

@@ -8,6 +8,12 @@ without a known family is subdivided uniformly in ``log sigma``. The states at t
 the student is trained to reach. ``solver="reference"`` uses the adaptive float64 solver instead (exact
 models: the teacher's own error then vanishes).
 
+``inner_steps`` k > 2 adds the authors' refinement on top (docs/authors-code.md §4, §6.2): their ICCV ``heun`` and
+``dpm`` teachers split every teacher interval again by a polynomial rho-7 grid of k points
+(:func:`solvers.schedules.refine_grid`, float32 as theirs or float64), so the teacher steps over
+``(M + 1)(k - 1)(N - 1) + 1`` points and student point n is fine point ``(M + 1)(k - 1) n``. The released ICCV runs
+used k = 3 (``configs/distill/{cifar10,ffhq,imagenet64,lsun_bedroom_ldm}.yaml``).
+
 Trajectories depend only on the noise seeds and conditions, so they are cached per batch under a key that
 hashes everything they depend on; a second run (another learning rate, loss, ...) reuses them.
 """
@@ -25,15 +31,28 @@ import torch
 
 from solvers.reference import solve_ode
 from solvers.registry import get_solver
-from solvers.schedules import ScheduleSpec, make_sigmas
+from solvers.schedules import ScheduleSpec, make_sigmas, refine_grid
 from safeio import atomic_write
 
-__all__ = ["teacher_grid", "teacher_states", "TeacherCache"]
+__all__ = ["teacher_grid", "teacher_stride", "teacher_states", "TeacherCache"]
 
 
-def teacher_grid(student_sigmas: Any, M: int, schedule: ScheduleSpec | None = None,
-                 alphas_cumprod: Any = None) -> torch.Tensor:
-    """The ``(M+1)(N-1)+1``-point teacher grid whose every ``(M+1)``-th point is a student point."""
+def teacher_grid(student_sigmas: Any, M: int, schedule: ScheduleSpec | None = None, alphas_cumprod: Any = None,
+                 *, inner_steps: int = 2, inner_dtype: str = "float32") -> torch.Tensor:
+    """The ``(M+1)(N-1)+1``-point teacher grid whose every ``(M+1)``-th point is a student point; with
+    ``inner_steps`` k > 2 each of its intervals is split again by the authors' inner rho-7 grid
+    (:func:`solvers.schedules.refine_grid`), giving ``(M+1)(k-1)(N-1)+1`` points, every ``(M+1)(k-1)``-th a
+    student point."""
+    return refine_grid(_refined_family(student_sigmas, M, schedule, alphas_cumprod), inner_steps, dtype=inner_dtype)
+
+
+def teacher_stride(M: int, inner_steps: int = 2) -> int:
+    """Teacher steps per student step: student point n is teacher point ``stride * n``."""
+    return (int(M) + 1) * (int(inner_steps) - 1)
+
+
+def _refined_family(student_sigmas: Any, M: int, schedule: ScheduleSpec | None, alphas_cumprod: Any) -> torch.Tensor:
+    """The student's grid refined M-fold within its family (or in log sigma), the student's points kept."""
     student = torch.as_tensor(np.asarray(student_sigmas, dtype=np.float64))
     if M == 0:
         return student.clone()
@@ -59,19 +78,22 @@ def teacher_grid(student_sigmas: Any, M: int, schedule: ScheduleSpec | None = No
 @torch.no_grad()
 def teacher_states(denoiser: Any, x_start: torch.Tensor, student_sigmas: Any, cond: Any = None, *,
                    solver: str = "heun", M: int = 1, schedule: ScheduleSpec | None = None,
-                   alphas_cumprod: Any = None, rtol: float = 1e-6, flow: bool = False) -> torch.Tensor:
+                   alphas_cumprod: Any = None, rtol: float = 1e-6, flow: bool = False, inner_steps: int = 2,
+                   inner_dtype: str = "float32") -> torch.Tensor:
     """States ``[N-1, B, ...]`` of the teacher at the student's points ``sigma_1 .. sigma_{N-1}``.
 
     ``x_start`` is the initial state at ``sigma_0`` (noise times sigma_0, or the noise for flow matching).
-    The teacher never uses AFS (docs/authors-code.md §6.2).
+    The teacher never uses AFS (docs/authors-code.md §6.2), so the authors' every-step AFS bug (§9.5) never
+    reaches it; ``solver`` runs plainly on :func:`teacher_grid` (with ``inner_steps``, the authors' sub-steps).
     """
     student = np.asarray(student_sigmas, dtype=np.float64)
     if solver == "reference":
         solved = solve_ode(denoiser, x_start, float(student[0]), student[1:].tolist(), cond, rtol=rtol, atol=rtol)
         states = [solved["states"][float(s)] for s in student[1:]]
         return torch.stack(states).to(x_start.dtype)
-    fine = teacher_grid(student, M, schedule, alphas_cumprod)
-    keep = {(M + 1) * (n + 1) - 1: n for n in range(len(student) - 1)}  # callback index i = state after step i
+    fine = teacher_grid(student, M, schedule, alphas_cumprod, inner_steps=inner_steps, inner_dtype=inner_dtype)
+    stride = teacher_stride(M, inner_steps)
+    keep = {stride * (n + 1) - 1: n for n in range(len(student) - 1)}  # callback index i = state after step i
     states: list[torch.Tensor | None] = [None] * (len(student) - 1)
 
     def collect(info: dict) -> None:

@@ -214,6 +214,12 @@ class Distiller(TrainingLoop):
                "guidance": OmegaConf.to_container(self.config.guidance, resolve=True),
                "seed": int(self.config.seed), "dtype": str(self.dtype), "flow": self.flow}
         key["teacher"].pop("cache", None)
+        if int(float(key["teacher"].get("inner_steps", 2))) == 2:
+            # No inner split: keep the key that caches written before the option existed were filed under.
+            key["teacher"].pop("inner_steps", None)
+            key["teacher"].pop("inner_dtype", None)
+        else:
+            key["teacher"]["inner_steps"] = int(float(key["teacher"]["inner_steps"]))
         return TeacherCache(root, key)
 
     # -- data ------------------------------------------------------------------------------------------------
@@ -239,7 +245,8 @@ class Distiller(TrainingLoop):
         teacher = self.config.teacher
         return teacher_states(self.backend, x_start, self.sigmas, cond, solver=teacher.solver, M=int(teacher.M),
                               schedule=self.schedule if teacher.grid == "same" else None, rtol=float(teacher.rtol),
-                              alphas_cumprod=self.backend.alphas_cumprod, flow=self.flow)
+                              alphas_cumprod=self.backend.alphas_cumprod, flow=self.flow,
+                              inner_steps=int(float(teacher.inner_steps)), inner_dtype=teacher.inner_dtype)
 
     def _batch(self, ids: torch.Tensor) -> _Batch:
         x_start = self._start_states(ids)
@@ -409,7 +416,10 @@ class Distiller(TrainingLoop):
             "guidance_type": config.guidance.type, "guidance_rate": float(config.guidance.rate),
             "schedule": self.schedule.to_dict(),
             "teacher": {"solver": config.teacher.solver, "M": int(config.teacher.M),
-                        **({"rtol": float(config.teacher.rtol)} if config.teacher.solver == "reference" else {})},
+                        **({"rtol": float(config.teacher.rtol)} if config.teacher.solver == "reference" else {}),
+                        **({"inner_steps": int(float(config.teacher.inner_steps)),
+                            "inner_dtype": config.teacher.inner_dtype}
+                           if float(config.teacher.inner_steps) > 2 else {})},
             "num_points": int(config.student.num_points), "alpha": float(config.loss.alpha),
             "afs": bool(config.student.afs), "scale_dir": float(config.student.scale_dir),
             "scale_time": float(config.student.scale_time),
